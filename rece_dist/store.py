@@ -7,76 +7,52 @@ Layout (the same on disk and in object storage)::
     STORE/steps/config_id=<id>/date=YYYY-MM-DD/*.parquet
     STORE/requests/config_id=<id>/date=YYYY-MM-DD/*.parquet
 
-A job lists partitions (pruning by configuration and date from the path alone, before it
+A job lists partitions (pruning by configuration and date from the keys alone, before it
 opens any file), then hands each partition to a Ray task that scans only the columns it
-needs. PyArrow's filesystem layer serves both local paths and S3 with one code path;
-Polars reads the Parquet files lazily with the matching ``storage_options``.
+needs. Listing, small reads and writes go through :class:`ObjectRoot` (boto3 on S3, with
+pagination and ETags); Parquet footers are read with PyArrow's filesystem and data with
+Polars lazy scans, both configured from the same :class:`S3Options`.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from dataclasses import dataclass
 from datetime import date as Date
 from typing import Any, Iterable
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .config import Catalog, DeploymentConfig
 from .errors import ConfigError, SchemaError, StoreError
+from .objstore import ObjectInfo, ObjectRoot, S3Options
 from .schema import TABLES, check_columns, check_values, conform
+
+__all__ = ["Partition", "S3Options", "Store", "STORE_FORMAT"]
 
 STORE_FORMAT = 1
 _PART_RE = re.compile(r"config_id=([^/]+)/date=(\d{4}-\d{2}-\d{2})$")
 
 
 @dataclass(frozen=True)
-class S3Options:
-    """Where and how to reach an S3-compatible endpoint. Unset fields fall back to the AWS chain."""
-
-    endpoint_url: str | None = None
-    region: str | None = None
-
-    @classmethod
-    def from_env(cls) -> "S3Options":
-        return cls(
-            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
-        )
-
-    def polars(self) -> dict[str, str]:
-        """Polars/object_store options. Credentials come from the environment, never from us."""
-        opts: dict[str, str] = {}
-        if self.endpoint_url:
-            opts["aws_endpoint_url"] = self.endpoint_url
-            if self.endpoint_url.startswith("http://"):
-                opts["aws_allow_http"] = "true"
-        if self.region:
-            opts["aws_region"] = self.region
-        return opts
-
-    def pyarrow(self) -> pafs.S3FileSystem:
-        kw: dict[str, Any] = {"region": self.region or "us-east-1"}
-        if self.endpoint_url:
-            scheme, _, host = self.endpoint_url.partition("://")
-            kw.update(endpoint_override=host, scheme=scheme)
-        return pafs.S3FileSystem(**kw)
-
-
-@dataclass(frozen=True)
 class Partition:
-    """One (table, configuration, date) folder and its Parquet files."""
+    """One (table, configuration, date) folder and its Parquet files.
+
+    ``etags`` (S3 only, aligned with ``files``) come free with the listing and let a manifest
+    fingerprint the exact input without reading it.
+    """
 
     table: str
     config_id: str
     date: str
     files: tuple[str, ...]
     size_bytes: int
+    etags: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -87,18 +63,17 @@ class Store:
     """A trace store at a local path or ``s3://`` URI."""
 
     def __init__(self, uri: str, s3: S3Options | None = None):
-        self.uri = uri.rstrip("/") or "/"
-        self.is_s3 = uri.startswith("s3://")
-        if self.is_s3:
-            self.s3 = s3 or S3Options.from_env()
-            self.fs: pafs.FileSystem = self.s3.pyarrow()
-            self.root = self.uri[len("s3://"):]
-        else:
-            self.s3 = None
-            self.fs = pafs.LocalFileSystem()
-            self.root = os.path.abspath(self.uri)
+        self.objects = ObjectRoot(uri, s3)
+        self.uri = self.objects.uri
+        self.is_s3 = self.objects.is_s3
+        self.s3 = self.objects.s3
+        self.root = self.objects.fs_root
 
     # --- paths -----------------------------------------------------------------------------
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self.objects.fs
+
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
@@ -106,56 +81,43 @@ class Store:
         """What Polars is given to scan ``path`` (an fs path) with."""
         return f"s3://{path}" if self.is_s3 else path
 
-    @property
-    def storage_options(self) -> dict[str, str] | None:
-        return self.s3.polars() if self.s3 else None
+    def _rel(self, path: str) -> str:
+        return path[len(self.root) + 1:]
 
-    def _io(self, what: str, fn, *args):
-        """Run a filesystem call and turn low-level failures into one actionable line."""
-        try:
-            return fn(*args)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise StoreError(f"{self.uri}: cannot {what} ({msg})") from None
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        return self.s3.polars() if self.s3 else None
 
     # --- reading ---------------------------------------------------------------------------
     def exists(self) -> bool:
-        info = self._io("reach the store", self.fs.get_file_info, self.path("store.json"))
-        return info.type == pafs.FileType.File
+        return self.objects.exists("store.json")
 
     def require(self) -> None:
         if not self.exists():
             raise StoreError(f"{self.uri}: not a trace store (no store.json); create one with `rece synth --out {self.uri}`")
 
     def read_json(self, rel: str) -> Any:
-        path = self.path(rel)
+        where = self.file_uri(self.path(rel))
+        blob = self.objects.read(rel)
+        if blob is None:
+            raise StoreError(f"{where}: not found")
         try:
-            with self.fs.open_input_stream(path) as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise StoreError(f"{self.file_uri(path)}: not found") from None
-        except OSError as exc:
-            raise StoreError(f"{self.file_uri(path)}: cannot read ({str(exc).splitlines()[0]})") from None
-        try:
-            return json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"{self.file_uri(path)}: not valid JSON ({exc})") from None
+            return json.loads(blob.data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{where}: not valid JSON ({exc})") from None
 
     def configs(self, catalog: Catalog | None = None) -> dict[str, DeploymentConfig]:
         """Every configuration document in the store, checked against its own id."""
         self.require()
         catalog = catalog or Catalog.default()
-        sel = pafs.FileSelector(self.path("configs"), allow_not_found=True)
         out: dict[str, DeploymentConfig] = {}
-        for info in sorted(self._io("list configurations", self.fs.get_file_info, sel), key=lambda i: i.path):
-            if not info.path.endswith(".json"):
+        for obj in self.objects.list("configs"):
+            if not obj.key.endswith(".json"):
                 continue
-            doc = self.read_json(info.path[len(self.root) + 1:])
-            where = self.file_uri(info.path)
+            doc = self.read_json(obj.key)
+            where = self.file_uri(self.path(obj.key))
             cfg = catalog.resolve(doc, where)
-            stem = info.path.rsplit("/", 1)[-1][: -len(".json")]
+            stem = obj.key.rsplit("/", 1)[-1][: -len(".json")]
             if stem != cfg.config_id:
                 raise ConfigError(f"{where}: file name says {stem} but the content hashes to {cfg.config_id}")
             out[cfg.config_id] = cfg
@@ -168,28 +130,34 @@ class Store:
         date_from: str | None = None,
         date_to: str | None = None,
     ) -> list[Partition]:
-        """Partitions of ``table`` pruned by configuration and inclusive date window."""
+        """Partitions of ``table`` pruned by configuration and inclusive date window.
+
+        Only keys are listed (per configuration prefix when ``config_ids`` is given); no file is opened.
+        """
         if table not in TABLES:
             raise ValueError(f"unknown table {table!r}")
-        wanted = set(config_ids) if config_ids is not None else None
         lo, hi = _parse_date(date_from, "date_from"), _parse_date(date_to, "date_to")
-        sel = pafs.FileSelector(self.path(table), recursive=True, allow_not_found=True)
-        groups: dict[tuple[str, str], list[tuple[str, int]]] = {}
-        for info in self._io(f"list {table}", self.fs.get_file_info, sel):
-            if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
-                continue
-            m = _PART_RE.search(info.path.rsplit("/", 1)[0])
-            if not m:
-                continue
-            cid, day = m.group(1), m.group(2)
-            if wanted is not None and cid not in wanted:
-                continue
-            if (lo and day < lo) or (hi and day > hi):
-                continue
-            groups.setdefault((cid, day), []).append((info.path, info.size or 0))
+        prefixes = [table] if config_ids is None else [f"{table}/config_id={cid}" for cid in sorted(set(config_ids))]
+        groups: dict[tuple[str, str], list[ObjectInfo]] = {}
+        for prefix in prefixes:
+            for obj in self.objects.list(prefix):
+                if not obj.key.endswith(".parquet"):
+                    continue
+                m = _PART_RE.search(obj.key.rsplit("/", 1)[0])
+                if not m:
+                    continue
+                cid, day = m.group(1), m.group(2)
+                if (lo and day < lo) or (hi and day > hi):
+                    continue
+                groups.setdefault((cid, day), []).append(obj)
         return [
-            Partition(table, cid, day, tuple(sorted(p for p, _ in files)), sum(s for _, s in files))
-            for (cid, day), files in sorted(groups.items())
+            Partition(
+                table, cid, day,
+                files=tuple(self.path(o.key) for o in sorted(objs)),
+                size_bytes=sum(o.size for o in objs),
+                etags=tuple(o.etag for o in sorted(objs) if o.etag is not None),
+            )
+            for (cid, day), objs in sorted(groups.items())
         ]
 
     def scan(self, part: Partition, columns: list[str] | None = None) -> pl.DataFrame:
@@ -202,15 +170,28 @@ class Store:
                 schema = dict(lf.collect_schema())
                 check_columns(schema, part.table, where, columns)
                 df = lf.select(columns or [c.name for c in TABLES[part.table]]).collect()
-            except SchemaError:
-                raise
-            except (pl.exceptions.PolarsError, OSError) as exc:
+            except OSError as exc:  # storage: missing object, denied, unreachable
+                raise self.objects.error(self._rel(path), "read Parquet", exc) from None
+            except pl.exceptions.PolarsError as exc:
                 msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise SchemaError(f"{where}: cannot read Parquet ({msg})") from None
             check_values(df, part.table, where)
             frames.append(df)
         df = pl.concat(frames) if len(frames) > 1 else frames[0]
         return df.with_columns(pl.lit(part.config_id).alias("config_id"), pl.lit(part.date).alias("date"))
+
+    def row_count(self, part: Partition) -> int:
+        """Rows from Parquet footers only (no data pages read)."""
+        total = 0
+        for path in part.files:
+            try:
+                with self.fs.open_input_file(path) as f:
+                    total += pq.ParquetFile(f).metadata.num_rows
+            except pa.ArrowInvalid as exc:
+                raise SchemaError(f"{self.file_uri(path)}: not a Parquet file ({str(exc).splitlines()[0]})") from None
+            except OSError as exc:
+                raise self.objects.error(self._rel(path), "read the Parquet footer", exc) from None
+        return total
 
     # --- writing ---------------------------------------------------------------------------
     def init(self, meta: dict[str, Any] | None = None) -> None:
@@ -230,24 +211,8 @@ class Store:
         return rel
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        path = self.path(rel)
-        if not self.is_s3:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)  # readers never see a half-written file
-            return
-        with self._io(f"write {rel}", self.fs.open_output_stream, path) as f:
-            f.write(data)
-
-    def row_count(self, part: Partition) -> int:
-        """Rows from Parquet footers only (no data pages read)."""
-        total = 0
-        for path in part.files:
-            with self.fs.open_input_file(path) as f:
-                total += pq.ParquetFile(f).metadata.num_rows
-        return total
+        """Readers never see a half-written object (temp file + rename locally; one PUT on S3)."""
+        self.objects.write(rel, data)
 
 
 def _parse_date(s: str | None, name: str) -> str | None:

@@ -1,0 +1,95 @@
+"""The RECE artifact: one JSON document, data only, that BLIS and ``rece predict`` evaluate.
+
+Top-level keys (``docs/artifact.md`` gives the evaluation rule as formulas):
+
+- ``schema_version``: ``"rece-artifact/1"``; readers refuse other major versions.
+- ``quantiles``: e.g. ``[0.1, 0.5, 0.9]``.
+- ``targets.{alpha,beta}``: definition, units, and the ordered feature list
+  (name, formula, units, solver scale). Coefficients are in natural units: the solver saw
+  ``x / scale`` and its coefficients were divided by ``scale`` afterwards.
+- ``config_vector``: entries (name, formula) and the standardisation ``center`` / ``scale``.
+- ``mixing``: rule, temperature, top-k, non-crossing policy.
+- ``specialists``: centroid, member configurations, per-target row counts, and
+  ``coefficients[target][repr(tau)]`` as a list aligned with the target's features.
+- ``configurations``: every training configuration's resolved document and specialist, so a
+  consumer can compute features and embeddings without the store.
+- ``training``: rows, date window, settings, library and solver versions, git commit.
+- ``metrics``: held-out metrics computed at training time.
+
+Nothing time-dependent is inside, so the same data and settings give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+from .errors import ArtifactError
+
+SCHEMA_VERSION = "rece-artifact/1"
+
+
+def canonical_bytes(doc: Mapping[str, Any]) -> bytes:
+    """The one serialisation that is hashed and published (sorted keys, no spaces)."""
+    try:
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise ArtifactError(f"artifact holds a non-finite number ({exc}); refusing to write it") from None
+
+
+def digest(doc: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_bytes(doc)).hexdigest()
+
+
+def parse(data: bytes, where: str) -> dict[str, Any]:
+    """Parse and sanity-check artifact bytes; a truncated or foreign document is refused."""
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{where}: not a complete JSON document ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{where}: an artifact must be a JSON object")
+    version = doc.get("schema_version")
+    if not isinstance(version, str) or version.split(".")[0] != SCHEMA_VERSION:
+        raise ArtifactError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}")
+    for key in ("quantiles", "targets", "config_vector", "mixing", "specialists", "configurations"):
+        if key not in doc:
+            raise ArtifactError(f"{where}: artifact is missing {key!r}")
+    return doc
+
+
+def load(path: str) -> dict[str, Any]:
+    """Read an artifact from a local file (published versions: see ``publish.resolve``)."""
+    try:
+        with open(path, "rb") as f:
+            return parse(f.read(), path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: artifact not found") from None
+
+
+def summary_table(doc: Mapping[str, Any]) -> str:
+    """Per specialist: configurations, training rows, held-out pinball loss and P10-P90 coverage."""
+    qs = doc["quantiles"]
+    held = doc.get("metrics", {}).get("held_out", {})
+    head = ["specialist", "configs", "target", "train rows", "held-out"] + [f"pinball P{q * 100:g}" for q in qs] + [
+        f"cov P{qs[0] * 100:g}-P{qs[-1] * 100:g}", "mape P50"]
+    lines = [head]
+    groups = [(f"specialist_{s['id']}", str(s["id"]), len(s["members"]), s["rows"]) for s in doc["specialists"]]
+    groups.append(("all", "all", len(doc["configurations"]), doc["training"]["rows"]))
+    for key, label, n_cfg, rows in groups:
+        for target in ("alpha", "beta"):
+            m = held.get(target, {}).get(key, {})
+            lines.append([label, str(n_cfg), target, f"{rows[target]:,}", f"{int(m.get('rows', 0)):,}"]
+                         + [_num(m.get(f"pinball_{q:g}")) for q in qs]
+                         + [_pct(m.get("interval_coverage")), _pct(m.get("mape_p50"))])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in lines)
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"

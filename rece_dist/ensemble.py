@@ -1,0 +1,163 @@
+"""Evaluating a RECE artifact: similarity-weighted mixing of specialist quantile models.
+
+For a configuration c with embedding e(c), specialist centroids m_s, temperature T and
+optional top-k, and feature row x (natural units) of target t:
+
+    sim_s   = cos(e(c), m_s)
+    S       = all s, or the k specialists with the largest sim_s (ties: lower index first)
+    w_s     = exp(sim_s / T) / sum_{r in S} exp(sim_r / T)   for s in S, else 0
+    q_tau   = sum_s w_s * (x . beta[s, t, tau])
+
+The quantile predictions of one row are then put in non-decreasing order (monotone
+rearrangement) if they cross; how many rows needed it is returned, since it should be rare
+once the fits use the non-crossing option.
+
+This module reads only the artifact document, so a model loaded from JSON and the model the
+training job built in memory are the same object and predict the same floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import polars as pl
+
+from .config import DeploymentConfig, config_vector
+from .errors import ArtifactError
+from .features import FEATURES, feature_matrix
+from .specialists import cosine_similarity
+
+
+@dataclass(frozen=True)
+class Prediction:
+    quantiles: tuple[float, ...]
+    values: np.ndarray      # (rows, len(quantiles)), non-decreasing along axis 1
+    weights: np.ndarray     # (specialists,) mixing weights used
+    rows_sorted: int        # rows whose quantiles crossed before rearrangement
+
+
+def mixing_weights(similarity: np.ndarray, temperature: float, top_k: int | None) -> np.ndarray:
+    """Softmax of similarity / T, restricted to the top-k most similar specialists."""
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    keep = np.ones(len(similarity), dtype=bool)
+    if top_k is not None and top_k < len(similarity):
+        order = np.argsort(-similarity, kind="stable")
+        keep[:] = False
+        keep[order[:top_k]] = True
+    z = np.where(keep, similarity / temperature, -np.inf)
+    z = z - z[keep].max()
+    w = np.exp(z)
+    return w / w.sum()
+
+
+def rearrange(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """Sort each row's quantiles (Chernozhukov et al.'s rearrangement); count rows that crossed."""
+    crossed = int((np.diff(values, axis=1) < 0).any(axis=1).sum()) if values.shape[1] > 1 else 0
+    return (np.sort(values, axis=1) if crossed else values), crossed
+
+
+class RECEModel:
+    """A RECE ensemble read from an artifact document (see ``artifact.py`` for the format)."""
+
+    def __init__(self, doc: Mapping[str, Any]):
+        try:
+            self.quantiles = tuple(float(q) for q in doc["quantiles"])
+            vec = doc["config_vector"]
+            self.center = np.asarray(vec["center"], dtype=np.float64)
+            self.scale = np.asarray(vec["scale"], dtype=np.float64)
+            mix = doc["mixing"]
+            self.temperature = float(mix["temperature"])
+            self.top_k = None if mix.get("top_k") is None else int(mix["top_k"])
+            specs = doc["specialists"]
+            self.centroids = np.asarray([s["centroid"] for s in specs], dtype=np.float64)
+            self.coef: dict[str, np.ndarray] = {}
+            for target, feats in FEATURES.items():
+                names = [f["name"] for f in doc["targets"][target]["features"]]
+                if names != [f.name for f in feats]:
+                    raise ArtifactError(f"artifact's {target} features {names} differ from this version's; "
+                                        "evaluate it with the rece-dist version that wrote it")
+                self.coef[target] = np.asarray(
+                    [[s["coefficients"][target][_qkey(q)] for q in self.quantiles] for s in specs],
+                    dtype=np.float64)  # (specialists, quantiles, features)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"artifact is malformed ({type(exc).__name__}: {exc})") from None
+        self.members = {cid: i for i, s in enumerate(doc["specialists"]) for cid in s["members"]}
+
+    def embed(self, cfg: DeploymentConfig) -> np.ndarray:
+        return (config_vector(cfg) - self.center) / self.scale
+
+    def similarity(self, cfg: DeploymentConfig) -> np.ndarray:
+        return cosine_similarity(self.embed(cfg), self.centroids)
+
+    def weights(self, cfg: DeploymentConfig, top_k: int | None = None, temperature: float | None = None) -> np.ndarray:
+        return mixing_weights(self.similarity(cfg), temperature or self.temperature,
+                              self.top_k if top_k is None else top_k)
+
+    def predict_matrix(self, target: str, X: np.ndarray, weights: np.ndarray) -> Prediction:
+        """Mix specialists' quantile predictions for feature rows X (natural units)."""
+        coef = np.einsum("s,sqf->qf", weights, self.coef[target])
+        values, crossed = rearrange(X @ coef.T)
+        return Prediction(self.quantiles, values, weights, crossed)
+
+    def predict(self, target: str, rows: pl.DataFrame, cfg: DeploymentConfig, *,
+                top_k: int | None = None, temperature: float | None = None) -> Prediction:
+        """Quantiles of ``target`` for raw trace rows of configuration ``cfg``."""
+        if target not in self.coef:
+            raise ValueError(f"unknown target {target!r}; use alpha or beta")
+        X = feature_matrix(rows, cfg, target)
+        return self.predict_matrix(target, X, self.weights(cfg, top_k, temperature))
+
+
+def _qkey(q: float) -> str:
+    """Quantile as a JSON object key: '0.1', '0.5', '0.9'."""
+    return repr(float(q))
+
+
+# Columns a prediction row may carry; omitted optional ones default to 0 (or P + D).
+INPUT_COLUMNS = {
+    "beta": {"prefill_tokens": None, "decode_tokens": None, "running_depth": None, "kv_usage_gpu_ratio": None,
+             "scheduled_tokens": "prefill_tokens + decode_tokens", "kv_blocks_offloaded": 0, "kv_blocks_restored": 0},
+    "alpha": {"prompt_tokens": None, "waiting_depth": None, "running_depth": None, "kv_usage_gpu_ratio": None},
+}
+
+
+def rows_frame(target: str, rows: list[Mapping[str, Any]], where: str) -> pl.DataFrame:
+    """Validate raw input rows for ``target`` and fill documented defaults."""
+    if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
+        raise ArtifactError(f"{where}: '{target}' must be a list of objects")
+    spec = INPUT_COLUMNS[target]
+    cols: dict[str, list[float]] = {}
+    for i, r in enumerate(rows):
+        for name, default in spec.items():
+            v = r.get(name, default)
+            if v is None:
+                raise ArtifactError(f"{where}: {target} row {i} is missing {name!r}")
+            if v == "prefill_tokens + decode_tokens":
+                v = r["prefill_tokens"] + r["decode_tokens"]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+                raise ArtifactError(f"{where}: {target} row {i} field {name!r} must be a non-negative number, got {v!r}")
+            cols.setdefault(name, []).append(float(v))
+    return pl.DataFrame({k: pl.Series(k, v, dtype=pl.Float64) for k, v in cols.items()},
+                        schema={k: pl.Float64 for k in spec})
+
+
+def predict_payload(model: RECEModel, cfg: DeploymentConfig, payload: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``rece predict``: {"alpha": [rows], "beta": [rows]} -> quantiles per row, with the weights."""
+    if not isinstance(payload, Mapping) or not set(payload) & {"alpha", "beta"}:
+        raise ArtifactError(f"{where}: input must be an object with 'alpha' and/or 'beta' lists of rows")
+    weights = model.weights(cfg)
+    out: dict[str, Any] = {
+        "config_id": cfg.config_id,
+        "seen_in_training": cfg.config_id in model.members,
+        "weights": weights.tolist(),
+    }
+    for target in ("alpha", "beta"):
+        if target in payload:
+            X = feature_matrix(rows_frame(target, payload[target], where), cfg, target)
+            pred = model.predict_matrix(target, X, weights)
+            out[target] = [{_qkey(q): float(v) for q, v in zip(pred.quantiles, row)} for row in pred.values]
+            out[f"{target}_rows_rearranged"] = pred.rows_sorted
+    return out

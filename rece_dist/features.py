@@ -1,0 +1,215 @@
+"""Alpha and beta feature tables: the seed's Phase-4 features as Polars expressions.
+
+Every feature is a row of ``ALPHA_FEATURES`` / ``BETA_FEATURES``: a name, the formula as
+written in the docs (and in the artifact, for BLIS), its units, and the Polars expression that
+computes it from one trace row plus the row's deployment configuration. Configuration
+quantities enter as literals, so one expression list serves a whole (configuration, date)
+partition and the features of different configurations can be stacked for one specialist.
+
+Targets: **beta** is ``duration_us`` of an engine step; **alpha** is the request's
+``queued_ns - arrival_ns`` in microseconds (BLIS's ``QueueingTime``). The load a request meets
+at arrival (waiting depth, running depth, KV usage) comes from an as-of join against the last
+step that started at or before its arrival.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+from .config import DeploymentConfig
+
+Expr = pl.Expr
+C = pl.col
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    formula: str
+    units: str
+    expr: Callable[[DeploymentConfig], Expr]
+
+
+def _lit(x: float) -> Expr:
+    return pl.lit(float(x), dtype=pl.Float64)
+
+
+def _f(name: str) -> Expr:
+    return C(name).cast(pl.Float64)
+
+
+# --- beta: one engine step ------------------------------------------------------------------
+# P = prefill_tokens, D = decode_tokens, B = scheduled_tokens, R = running_depth,
+# kv = kv_usage_gpu_ratio, MBT = max_num_batched_tokens. Times are microseconds at peak rate.
+
+def _block_bytes(c: DeploymentConfig) -> float:
+    return c.serving.block_size * c.model.kv_bytes_per_token / c.serving.tp
+
+
+BETA_FEATURES: tuple[Feature, ...] = (
+    Feature("bias", "1", "1", lambda c: _lit(1.0)),
+    Feature("prefill_compute_us", "P * flops_per_token / (tp * peak_flops)", "us",
+            lambda c: _f("prefill_tokens") * _lit(c.model.flops_per_token / (c.serving.tp * c.flops_per_us))),
+    Feature("decode_kv_write_us", "D * kv_bytes_per_token / (tp * hbm_bandwidth)", "us",
+            lambda c: _f("decode_tokens") * _lit(c.model.kv_bytes_per_token / (c.serving.tp * c.hbm_bytes_per_us))),
+    Feature("batch_fill", "B / MBT", "1", lambda c: _f("scheduled_tokens") / _lit(c.serving.max_num_batched_tokens)),
+    Feature("prefill_fill_sq", "(P / MBT)^2", "1",
+            lambda c: (_f("prefill_tokens") / _lit(c.serving.max_num_batched_tokens)) ** 2),
+    Feature("decode_fill_sq", "(D / MBT)^2", "1",
+            lambda c: (_f("decode_tokens") / _lit(c.serving.max_num_batched_tokens)) ** 2),
+    Feature("prefill_x_decode", "P * D / MBT^2", "1",
+            lambda c: _f("prefill_tokens") * _f("decode_tokens") / _lit(c.serving.max_num_batched_tokens ** 2)),
+    Feature("prefill_x_kv", "P * kv / MBT", "1",
+            lambda c: _f("prefill_tokens") * _f("kv_usage_gpu_ratio") / _lit(c.serving.max_num_batched_tokens)),
+    Feature("decode_x_running", "D * R / MBT", "1",
+            lambda c: _f("decode_tokens") * _f("running_depth") / _lit(c.serving.max_num_batched_tokens)),
+    Feature("kv_usage", "kv", "1", lambda c: _f("kv_usage_gpu_ratio")),
+    Feature("kv_usage_sq", "kv^2", "1", lambda c: _f("kv_usage_gpu_ratio") ** 2),
+    Feature("inv_tp", "1 / tp", "1", lambda c: _lit(1.0 / c.serving.tp)),
+    Feature("moe_active_experts", "is_moe * experts_per_token / 8", "1",
+            lambda c: _lit(c.model.experts_per_token / 8 if c.model.is_moe else 0.0)),
+    Feature("cpu_offload", "cpu_offload", "1", lambda c: _lit(float(c.serving.cpu_offload))),
+    Feature("tp_allreduce_us",
+            "(tp - 1) / tp * 4 * num_layers * B * hidden_size * weight_bytes / link_bandwidth", "us",
+            lambda c: _f("scheduled_tokens") * _lit(
+                (c.serving.tp - 1) / c.serving.tp * 4 * c.model.num_layers * c.model.hidden_size
+                * c.model.weight_bytes / c.link_bytes_per_us)),
+    Feature("tp_sync_us", "(tp - 1) * R / max_num_seqs * link_latency_us", "us",
+            lambda c: _f("running_depth") * _lit((c.serving.tp - 1) / c.serving.max_num_seqs * c.gpu.link_latency_us)),
+    Feature("offload_out_us", "cpu_offload * blocks_offloaded * block_bytes / pcie_bandwidth", "us",
+            lambda c: _f("kv_blocks_offloaded") * _lit(float(c.serving.cpu_offload) * _block_bytes(c) / c.pcie_bytes_per_us)),
+    Feature("offload_in_us", "cpu_offload * blocks_restored * block_bytes / pcie_bandwidth", "us",
+            lambda c: _f("kv_blocks_restored") * _lit(float(c.serving.cpu_offload) * _block_bytes(c) / c.pcie_bytes_per_us)),
+    Feature("moe_expert_parallel", "is_moe * expert_parallel", "1",
+            lambda c: _lit(float(c.serving.expert_parallel) if c.model.is_moe else 0.0)),
+    Feature("moe_expert_compute_us",
+            "is_moe * B * experts_per_token / num_experts * expert_flops_per_token / (tp * peak_flops)", "us",
+            lambda c: _f("scheduled_tokens") * _lit(
+                c.model.experts_per_token / c.model.num_experts * c.model.expert_flops_per_token
+                / (c.serving.tp * c.flops_per_us) if c.model.is_moe else 0.0)),
+    # Two configuration-level physical terms the seed lacks: without them every configuration
+    # pooled into one specialist shares one intercept, although weight and KV reads differ 10x.
+    Feature("weight_read_us", "weight_bytes_per_gpu / hbm_bandwidth", "us",
+            lambda c: _lit(c.weight_bytes_per_gpu / c.hbm_bytes_per_us)),
+    Feature("kv_read_us", "kv * kv_blocks_total * block_bytes / hbm_bandwidth", "us",
+            lambda c: _f("kv_usage_gpu_ratio") * _lit(c.kv_blocks_total * _block_bytes(c) / c.hbm_bytes_per_us)),
+)
+
+BETA_COLUMNS = ["prefill_tokens", "decode_tokens", "scheduled_tokens", "running_depth", "kv_usage_gpu_ratio",
+                "kv_blocks_offloaded", "kv_blocks_restored"]
+
+# --- alpha: one request's API-to-queue overhead ---------------------------------------------
+# Q = waiting_depth and R = running_depth at arrival, kv = KV usage at arrival,
+# L = prompt_tokens, MNS = max_num_seqs, MML = max_model_len.
+
+ALPHA_FEATURES: tuple[Feature, ...] = (
+    Feature("bias", "1", "1", lambda c: _lit(1.0)),
+    Feature("queue_fill", "Q / MNS", "1", lambda c: _f("waiting_depth") / _lit(c.serving.max_num_seqs)),
+    Feature("queue_fill_sq", "(Q / MNS)^2", "1", lambda c: (_f("waiting_depth") / _lit(c.serving.max_num_seqs)) ** 2),
+    Feature("kv_usage", "kv", "1", lambda c: _f("kv_usage_gpu_ratio")),
+    Feature("kv_usage_sq", "kv^2", "1", lambda c: _f("kv_usage_gpu_ratio") ** 2),
+    Feature("prompt_frac", "L / MML", "1", lambda c: _f("prompt_tokens") / _lit(c.serving.max_model_len)),
+    Feature("prompt_frac_sq", "(L / MML)^2", "1", lambda c: (_f("prompt_tokens") / _lit(c.serving.max_model_len)) ** 2),
+    Feature("queue_x_kv", "Q * kv / MNS", "1",
+            lambda c: _f("waiting_depth") * _f("kv_usage_gpu_ratio") / _lit(c.serving.max_num_seqs)),
+    Feature("prompt_x_kv", "L * kv / MML", "1",
+            lambda c: _f("prompt_tokens") * _f("kv_usage_gpu_ratio") / _lit(c.serving.max_model_len)),
+    Feature("inv_tp", "1 / tp", "1", lambda c: _lit(1.0 / c.serving.tp)),
+    Feature("prefix_caching", "prefix_caching", "1", lambda c: _lit(float(c.serving.prefix_caching))),
+    Feature("chunked_prefill", "chunked_prefill", "1", lambda c: _lit(float(c.serving.chunked_prefill))),
+    Feature("tp_gt_1", "tp > 1", "1", lambda c: _lit(float(c.serving.tp > 1))),
+    Feature("tp_comm_us", "(tp - 1) * L * hidden_size * weight_bytes / link_bandwidth", "us",
+            lambda c: _f("prompt_tokens") * _lit(
+                (c.serving.tp - 1) * c.model.hidden_size * c.model.weight_bytes / c.link_bytes_per_us)),
+    Feature("running_fill", "R / MNS", "1", lambda c: _f("running_depth") / _lit(c.serving.max_num_seqs)),
+    Feature("running_x_kv", "R * kv / MNS", "1",
+            lambda c: _f("running_depth") * _f("kv_usage_gpu_ratio") / _lit(c.serving.max_num_seqs)),
+)
+
+ALPHA_COLUMNS = ["waiting_depth", "running_depth", "kv_usage_gpu_ratio", "prompt_tokens"]
+REQUEST_READ = ["request_id", "arrival_ns", "queued_ns", "prompt_tokens"]
+STEP_LOAD_READ = ["ts_start_ns", "running_depth", "waiting_depth", "kv_usage_gpu_ratio"]
+
+FEATURES: dict[str, tuple[Feature, ...]] = {"alpha": ALPHA_FEATURES, "beta": BETA_FEATURES}
+TARGET_UNITS = {"alpha": "us", "beta": "us"}
+TARGET_DEFINITION = {
+    "alpha": "(queued_ns - arrival_ns) / 1000: API arrival until the request enters the waiting queue",
+    "beta": "duration_us of one engine step",
+}
+STEP_READ = sorted(set(BETA_COLUMNS) | {"step_id", "duration_us"})
+
+
+def feature_names(target: str) -> list[str]:
+    return [f.name for f in FEATURES[target]]
+
+
+def feature_matrix(df: pl.DataFrame, cfg: DeploymentConfig, target: str) -> np.ndarray:
+    """The (rows x features) float64 matrix of ``target`` for rows of one configuration."""
+    exprs = [f.expr(cfg).alias(f.name) for f in FEATURES[target]]
+    return df.select(exprs).to_numpy().astype(np.float64, copy=False)
+
+
+def attach_load(requests: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
+    """Add the engine load each request met at arrival (as-of join on step start times).
+
+    A request that arrives before the first recorded step met an idle engine: zeros.
+    """
+    load = steps.select(STEP_LOAD_READ).sort("ts_start_ns")
+    joined = requests.sort("arrival_ns").join_asof(load, left_on="arrival_ns", right_on="ts_start_ns",
+                                                   strategy="backward")
+    return joined.with_columns(
+        pl.col("running_depth").fill_null(0),
+        pl.col("waiting_depth").fill_null(0),
+        pl.col("kv_usage_gpu_ratio").fill_null(0.0),
+    ).drop("ts_start_ns")
+
+
+def alpha_target(requests: pl.DataFrame) -> np.ndarray:
+    return ((requests["queued_ns"] - requests["arrival_ns"]).cast(pl.Float64) / 1000.0).to_numpy()
+
+
+def beta_target(steps: pl.DataFrame) -> np.ndarray:
+    return steps["duration_us"].cast(pl.Float64).to_numpy()
+
+
+def holdout_mask(n: int, every: int = 10, block: int = 500) -> np.ndarray:
+    """Deterministic held-out slice: every ``every``-th block of ``block`` consecutive rows.
+
+    Contiguous blocks, not single rows, so a held-out step is not flanked by training steps
+    with nearly the same batch (which would flatter the metrics).
+    """
+    if every <= 0:
+        return np.zeros(n, dtype=bool)
+    return (np.arange(n) // block) % every == every - 1
+
+
+def column_scale(X: np.ndarray) -> np.ndarray:
+    """Per-column scale for the solver: max |x|, 1 for all-zero columns (bias stays 1)."""
+    s = np.abs(X).max(axis=0) if len(X) else np.ones(X.shape[1])
+    return np.where(s > 0, s, 1.0)
+
+
+def features_markdown() -> str:
+    """The feature tables as Markdown (``docs/features.md`` is this text; a test keeps them equal)."""
+    out = ["# RECE features", "",
+           "Generated from `rece_dist/features.py` (`python -m rece_dist.features > docs/features.md`).", ""]
+    for target, feats in FEATURES.items():
+        out += [f"## {target}: {TARGET_DEFINITION[target]} ({TARGET_UNITS[target]})", "",
+                "| # | name | formula | units |", "|---|---|---|---|"]
+        out += [f"| {i} | `{f.name}` | `{f.formula}` | {f.units} |" for i, f in enumerate(feats)]
+        out.append("")
+    out += ["Symbols: P prefill tokens, D decode tokens, B scheduled tokens, R running depth, Q waiting depth,",
+            "kv GPU KV usage ratio, L prompt tokens, MBT max_num_batched_tokens, MNS max_num_seqs,",
+            "MML max_model_len. Bandwidths in bytes/us, peak_flops in FLOP/us (datasheet values), so `_us`",
+            "features are times at peak rate. `block_bytes = block_size * kv_bytes_per_token / tp`.",
+            "Alpha's Q, R and kv are the values of the last engine step that started at or before the",
+            "request's arrival (zero before the first step).", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(features_markdown(), end="")

@@ -1,0 +1,212 @@
+"""The generator's ground truth: what one vLLM engine step (beta) and one request's API-server
+overhead (alpha) cost on a given deployment.
+
+A step runs the dense GEMMs, the attention kernels and the MoE experts one after another, so
+each kernel family is its own roofline, ``max(compute, memory)``, and the step is their sum plus
+the tensor-parallel collectives, KV copies over PCIe and the CPU work around the forward pass.
+Everything is per GPU: weights, FLOPs and KV bytes divide across the TP group. The datasheet
+numbers come from ``config.py``; how much of them a real step reaches is the one small set of
+constants in :class:`Efficiency`, calibrated once against the reference runs (``rece synth
+--check-reference``), never per run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .config import DeploymentConfig
+
+ACTIVATION_BYTES = 2  # BF16 activations travel through the collectives
+
+# CPU cost of a step and of the API server relative to vLLM 0.11.0 (V1 engine, async output
+# processing). Older releases spent more time in Python per step. Versions not listed (newer)
+# are costed like the newest one.
+VERSION_CPU_FACTOR: dict[str, float] = {"0.10.1": 1.30, "0.10.2": 1.15, "0.11.0": 1.0, "0.11.2": 0.95}
+
+
+def version_factor(version: str) -> float:
+    return VERSION_CPU_FACTOR.get(version, min(VERSION_CPU_FACTOR.values()))
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Fractions of the datasheet a real vLLM step reaches, and its fixed CPU costs.
+
+    One set for every deployment. Values are typical for BF16 serving on Hopper/Ampere with
+    vLLM 0.11: cuBLAS GEMMs on prefill-sized batches reach ~60% of peak, FlashAttention a bit
+    less, the fused-MoE grouped GEMMs (small per-expert batches) much less; weight and KV
+    streaming reaches ~80% of HBM bandwidth; the CPU side (scheduling, input preparation,
+    sampling, output processing) costs about a millisecond per step.
+    """
+
+    gemm: float = 0.60
+    attention: float = 0.45
+    moe: float = 0.25
+    hbm: float = 0.90
+    link: float = 0.70
+    pcie: float = 0.75
+    step_us: float = 1000.0
+    per_seq_us: float = 8.0
+    per_token_us: float = 0.2
+
+
+class StepTerms(NamedTuple):
+    """One step's time split by cause (us). The step time is their sum."""
+
+    linear_us: float  # dense GEMMs: roofline of token FLOPs vs one read of the dense weights
+    attention_us: float  # prefill attention FLOPs vs prior-context KV reads; decode KV reads
+    moe_us: float  # routed expert GEMMs vs reads of the experts the batch touches
+    comm_us: float  # TP all-reduces (and EP all-to-alls), latency + bandwidth
+    offload_us: float  # KV blocks copied between GPU and host (CPU offload)
+    overhead_us: float  # CPU work per step: scheduler, input prep, sampling
+
+
+class StepModel:
+    """Deterministic step time of one configuration; constants folded once per configuration."""
+
+    def __init__(self, cfg: DeploymentConfig, eff: Efficiency = Efficiency()):
+        m, s = cfg.model, cfg.serving
+        tp = s.tp
+        self.cfg = cfg
+        self.eff = eff
+        flops = cfg.flops_per_us
+        hbm = cfg.hbm_bytes_per_us * eff.hbm
+        expert_params = m.num_layers * m.mlp_params_per_expert if m.is_moe else 0
+        dense_flops = m.flops_per_token - m.experts_per_token * m.expert_flops_per_token
+        dense_bytes = cfg.weight_bytes_per_gpu - m.num_experts * expert_params * m.weight_bytes / tp
+        self._lin_us_per_token = dense_flops / tp / (flops * eff.gemm)
+        self._lin_read_us = dense_bytes / hbm
+        self._attn_us_per_pair = m.attn_flops_per_token_ctx / tp / (flops * eff.attention)
+        self._kv_us_per_token = m.kv_bytes_per_token / tp / hbm
+
+        ep = s.expert_parallel if m.is_moe else 1
+        shards = ep if ep > 1 else tp  # EP: whole experts per GPU; TP: a slice of every expert
+        self._moe = m.is_moe
+        self._moe_us_per_token = m.experts_per_token * m.expert_flops_per_token / shards / (flops * eff.moe)
+        self._experts_local = m.num_experts / ep
+        expert_bytes_local = expert_params * m.weight_bytes / (1 if ep > 1 else tp)
+        self._expert_read_us = expert_bytes_local / hbm
+        self._expert_miss = 1.0 - m.experts_per_token / m.num_experts if m.is_moe else 1.0
+
+        link = cfg.link_bytes_per_us * eff.link
+        hops = math.log2(tp)
+        token_bytes = m.hidden_size * ACTIVATION_BYTES
+        n_allreduce = m.num_layers * (1 if ep > 1 else 2) if tp > 1 else 0
+        self._comm_fixed_us = n_allreduce * cfg.gpu.link_latency_us * hops
+        self._comm_us_per_token = n_allreduce * token_bytes * 2 * (tp - 1) / tp / link
+        if ep > 1:  # dispatch + combine per MoE layer
+            self._comm_fixed_us += 2 * m.num_layers * cfg.gpu.link_latency_us * math.log2(ep)
+            self._comm_us_per_token += 2 * m.num_layers * token_bytes * (ep - 1) / ep / link
+
+        block_bytes = s.block_size * m.kv_bytes_per_token / tp
+        self._offload_us_per_block = block_bytes / (cfg.pcie_bytes_per_us * eff.pcie) if s.cpu_offload else 0.0
+        cpu = version_factor(s.vllm_version)
+        self._cpu_fixed_us = eff.step_us * cpu
+        self._cpu_us_per_seq = eff.per_seq_us * cpu
+        self._cpu_us_per_token = eff.per_token_us * cpu
+
+    def terms(
+        self,
+        decode_tokens: int,
+        decode_ctx: int,
+        prefill_tokens: int = 0,
+        prefill_pairs: int = 0,
+        prefill_ctx: int = 0,
+        num_seqs: int | None = None,
+        xfer_blocks: int = 0,
+    ) -> StepTerms:
+        """Time of one step by cause.
+
+        ``decode_ctx`` is the KV tokens the decodes attend to (sum of their context lengths),
+        ``prefill_pairs`` the causal (query, key) pairs of the prefill chunks and
+        ``prefill_ctx`` the already-cached context tokens those chunks read. ``xfer_blocks``
+        counts KV blocks moved to or from host memory this step.
+        """
+        tokens = decode_tokens + prefill_tokens
+        if num_seqs is None:
+            num_seqs = decode_tokens + (1 if prefill_tokens else 0)
+        linear = max(tokens * self._lin_us_per_token, self._lin_read_us)
+        attention = max(decode_ctx * self._attn_us_per_pair, decode_ctx * self._kv_us_per_token)
+        if prefill_tokens:
+            attention += max(prefill_pairs * self._attn_us_per_pair, (prefill_ctx + prefill_tokens) * self._kv_us_per_token)
+        moe = 0.0
+        if self._moe:
+            touched = self._experts_local * (1.0 - self._expert_miss**tokens)
+            moe = max(tokens * self._moe_us_per_token, touched * self._expert_read_us)
+        comm = self._comm_fixed_us + tokens * self._comm_us_per_token if self._comm_fixed_us else 0.0
+        offload = xfer_blocks * self._offload_us_per_block
+        overhead = self._cpu_fixed_us + num_seqs * self._cpu_us_per_seq + tokens * self._cpu_us_per_token
+        return StepTerms(linear, attention, moe, comm, offload, overhead)
+
+    def time_us(self, *args: int, **kw: int) -> float:
+        """Deterministic step time in us (the sum of :meth:`terms`)."""
+        return sum(self.terms(*args, **kw))
+
+    def decode_capacity_rps(self, prompt: float, output: float) -> float:
+        """Rough requests/s this deployment sustains for a given mean prompt and output length.
+
+        Used to place synthetic load between idle and saturated; it assumes the batch fills to
+        the smaller of max_num_seqs and what the KV cache holds, and charges each request its
+        share of decode steps plus one prefill of its prompt.
+        """
+        s = self.cfg.serving
+        per_req_tokens = prompt + output / 2
+        batch = max(1, min(s.max_num_seqs, int(self.cfg.kv_capacity_tokens / max(per_req_tokens, 1))))
+        decode_step = self.time_us(batch, int(batch * per_req_tokens))
+        pairs = int(prompt * (prompt + 1) / 2)
+        prefill_extra = self.time_us(batch, int(batch * per_req_tokens), int(prompt), pairs) - decode_step
+        us_per_request = output * decode_step / batch + max(prefill_extra, 0.0)
+        return 1e6 / us_per_request
+
+
+@dataclass(frozen=True)
+class HeavyTailNoise:
+    """Multiplicative lognormal jitter plus rare additive stalls with a Pareto tail.
+
+    Draws are vectorised: ``value = deterministic * mult + add``.
+    """
+
+    sigma: float
+    spike_prob: float
+    spike_min_us: float
+    spike_alpha: float
+    spike_cap_us: float
+
+    def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        mult = np.exp(self.sigma * rng.standard_normal(n) - 0.5 * self.sigma**2)
+        spikes = rng.random(n) < self.spike_prob
+        add = np.zeros(n)
+        k = int(spikes.sum())
+        if k:
+            add[spikes] = np.minimum(self.spike_min_us * (1.0 + rng.pareto(self.spike_alpha, k)), self.spike_cap_us)
+        return mult, add
+
+
+# Step-to-step variation: a few percent of jitter, and about one step in 3000 stalled by
+# Python GC, an NCCL hiccup or host preemption (2 ms and up, heavy tail).
+STEP_NOISE = HeavyTailNoise(sigma=0.04, spike_prob=3e-4, spike_min_us=2000.0, spike_alpha=1.6, spike_cap_us=400_000.0)
+
+
+@dataclass(frozen=True)
+class ApiOverhead:
+    """Alpha: from the API server receiving a request to the engine's waiting queue.
+
+    A fixed cost (HTTP parsing, request validation), tokenisation proportional to the prompt,
+    and contention: the same Python process detokenises and streams every running request's
+    output each step, so new requests wait longer when the running batch is deep. Noise is
+    wider than for steps (the event loop is shared) with rarer but larger stalls.
+    """
+
+    base_us: float = 350.0
+    per_prompt_token_us: float = 0.9
+    per_running_us: float = 12.0
+    depart_us: float = 150.0  # last detokenise + send after the engine finishes
+    noise: HeavyTailNoise = HeavyTailNoise(sigma=0.30, spike_prob=2e-3, spike_min_us=1500.0, spike_alpha=1.5, spike_cap_us=200_000.0)
+
+    def deterministic_us(self, prompt_tokens: float, running_depth: int, version: str) -> float:
+        cpu = version_factor(version)
+        return cpu * (self.base_us + self.per_prompt_token_us * prompt_tokens + self.per_running_us * running_depth)

@@ -1,0 +1,471 @@
+"""The RECE training job: store -> features -> embedding/clustering -> fits -> artifact.
+
+Data flows one way and every heavy step is a Ray task over plain numpy data:
+
+1. ``featurize``: one task per (configuration, date) shard reads only the columns it needs
+   from the steps and requests partitions and returns alpha/beta feature matrices (natural
+   units), targets and a held-out mask.
+2. The driver embeds the configurations and clusters them into specialists (small).
+3. ``prepare``: per shard and target, training rows are scaled by the specialist's column
+   scale and weighted so each configuration counts equally inside its specialist; the
+   result is put in the object store once and passed to every fit by reference.
+4. ``fit``: one task per (target, specialist, quantile) solves the pinball LP in cvxpy;
+   with non-crossing on, one task per (target, specialist) then removes crossings.
+5. The artifact is assembled, and ``evaluate_shard`` tasks score the held-out rows with
+   exactly the model the artifact describes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import polars as pl
+import ray
+
+from . import artifact as artifact_mod
+from .config import CONFIG_VECTOR, DeploymentConfig, config_vector
+from .ensemble import RECEModel, _qkey
+from .errors import ReceError, StoreError
+from .features import (FEATURES, REQUEST_READ, STEP_READ, TARGET_DEFINITION, TARGET_UNITS, alpha_target,
+                       attach_load, beta_target, column_scale, feature_matrix, holdout_mask)
+from .metrics import quantile_metrics
+from .progress import gather, log
+from .quantile import fit_quantile, resolve_crossings
+from .specialists import Clustering, Embedding, cluster
+from .store import Partition, S3Options, Store
+
+TARGETS = ("alpha", "beta")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that changes the artifact; hashed into the manifest."""
+
+    specialists: int = 4
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    clustering: str = "kmeans"
+    temperature: float = 0.1
+    top_k: int | None = None
+    l1: float = 0.0
+    noncrossing: bool = True
+    solver: str = "HIGHS"
+    date_from: str | None = None
+    date_to: str | None = None
+    holdout_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        qs = tuple(float(q) for q in self.quantiles)
+        if not qs or any(not 0 < q < 1 for q in qs) or list(qs) != sorted(set(qs)):
+            raise ReceError(f"quantiles must be increasing values in (0, 1), got {self.quantiles}")
+        object.__setattr__(self, "quantiles", qs)
+        if self.specialists < 1:
+            raise ReceError("--specialists must be at least 1")
+        if self.temperature <= 0:
+            raise ReceError("--temperature must be positive")
+        if self.top_k is not None and self.top_k < 1:
+            raise ReceError("--top-k must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["quantiles"] = list(self.quantiles)
+        return d
+
+
+@dataclass
+class Shard:
+    """Features of one (configuration, date) shard, for both targets (stays in the object store)."""
+
+    config_id: str
+    date: str
+    X: dict[str, np.ndarray] = field(default_factory=dict)
+    y: dict[str, np.ndarray] = field(default_factory=dict)
+    holdout: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def stats(self) -> "ShardStats":
+        st = ShardStats(self.config_id, self.date)
+        for t in TARGETS:
+            X = self.X[t][~self.holdout[t]]
+            st.train_rows[t] = len(X)
+            st.col_max[t] = np.abs(X).max(axis=0) if len(X) else np.zeros(X.shape[1])
+            st.gram[t] = X.T @ X
+        return st
+
+
+@dataclass
+class ShardStats:
+    """What the driver needs of a shard: p x p sums, never the rows themselves."""
+
+    config_id: str
+    date: str
+    train_rows: dict[str, int] = field(default_factory=dict)
+    col_max: dict[str, np.ndarray] = field(default_factory=dict)
+    gram: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def independent_columns(gram: np.ndarray, scale: np.ndarray, rtol: float = 1e-9) -> np.ndarray:
+    """Greedy, in feature order: keep a column unless it lies in the span of the kept ones.
+
+    Inside one specialist, configuration-level features (1/tp, weight read time, flags) are
+    constant or collinear with the bias. The LP optimum is then not unique and the split
+    between such columns would be arbitrary, which matters the moment the model is evaluated
+    for another configuration. Dropping them (coefficient 0) makes the fit unique and the
+    choice documented: earlier features win. Works on the Gram matrix, so shards only ship
+    p x p sums.
+    """
+    G = gram / np.outer(scale, scale)
+    keep: list[int] = []
+    for j in range(len(G)):
+        if G[j, j] <= 0:
+            continue
+        if keep:
+            K = G[np.ix_(keep, keep)]
+            g = G[keep, j]
+            resid = G[j, j] - g @ np.linalg.lstsq(K, g, rcond=None)[0]
+        else:
+            resid = G[j, j]
+        if resid > rtol * G[j, j]:
+            keep.append(j)
+    mask = np.zeros(len(G), dtype=bool)
+    mask[keep] = True
+    return mask
+
+
+@dataclass
+class TrainResult:
+    artifact: dict[str, Any]
+    partitions: list[Partition]  # every input partition (for the manifest's data fingerprint)
+    seconds: float
+
+
+# --- Ray tasks --------------------------------------------------------------------------------
+
+@ray.remote(max_retries=2, num_returns=2)
+def featurize(store_uri: str, s3: S3Options | None, cfg: DeploymentConfig, steps: Partition | None,
+              requests: Partition | None, holdout_every: int) -> tuple[ShardStats, Shard]:
+    """Read one shard's columns and compute both targets' features (idempotent: retry-safe)."""
+    store = Store(store_uri, s3)
+    part = steps or requests
+    assert part is not None
+    shard = Shard(part.config_id, part.date)
+    step_df = store.scan(steps, STEP_READ + ["ts_start_ns", "waiting_depth"]).sort("step_id") if steps else None
+    if step_df is not None:
+        shard.X["beta"] = feature_matrix(step_df, cfg, "beta")
+        shard.y["beta"] = beta_target(step_df)
+        shard.holdout["beta"] = holdout_mask(len(step_df), holdout_every)
+    if requests is not None:
+        req = store.scan(requests, REQUEST_READ)
+        load = step_df if step_df is not None else pl.DataFrame(
+            schema={"ts_start_ns": pl.Int64, "running_depth": pl.Int32, "waiting_depth": pl.Int32,
+                    "kv_usage_gpu_ratio": pl.Float32})
+        req = attach_load(req, load)
+        shard.X["alpha"] = feature_matrix(req, cfg, "alpha")
+        shard.y["alpha"] = alpha_target(req)
+        shard.holdout["alpha"] = holdout_mask(len(req), holdout_every)
+    for t in TARGETS:
+        if t not in shard.X:
+            p = len(FEATURES[t])
+            shard.X[t], shard.y[t], shard.holdout[t] = np.zeros((0, p)), np.zeros(0), np.zeros(0, dtype=bool)
+    return shard.stats(), shard
+
+
+@ray.remote
+def prepare(shard: Shard, target: str, scale: np.ndarray, columns: np.ndarray,
+            weight: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training rows of one shard for one specialist fit: scaled kept features, target, weights."""
+    train = ~shard.holdout[target]
+    X = shard.X[target][train][:, columns] / scale[columns]
+    return X, shard.y[target][train], np.full(int(train.sum()), weight)
+
+
+def _stack(parts: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]) -> tuple[np.ndarray, ...]:
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def _penalize(p: int) -> np.ndarray:
+    mask = np.ones(p, dtype=bool)
+    mask[0] = False  # the bias column, like scikit-learn's unpenalised intercept
+    return mask
+
+
+@ray.remote(max_retries=1)
+def fit(tau: float, l1: float, solver: str, seed: int, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]):
+    X, y, w = _stack(parts)
+    return fit_quantile(X, y, tau, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver, seed=seed)
+
+
+@ray.remote(max_retries=1)
+def uncross(fits: list, l1: float, solver: str, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]):
+    X, y, w = _stack(parts)
+    return resolve_crossings(X, y, fits, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver)
+
+
+@ray.remote
+def evaluate_shard(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, all_rows: bool,
+                   top_k: int | None, temperature: float | None) -> dict[str, Any]:
+    """Predictions for one shard's held-out (or all) rows with the artifact's own model."""
+    model = RECEModel(doc)
+    w = model.weights(cfg, top_k, temperature)
+    out: dict[str, Any] = {}
+    for t in TARGETS:
+        mask = np.ones(len(shard.y[t]), dtype=bool) if all_rows else shard.holdout[t]
+        pred = model.predict_matrix(t, shard.X[t][mask], w)
+        out[t] = (shard.y[t][mask], pred.values, pred.rows_sorted)
+    return out
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+@dataclass
+class FeatureSet:
+    """A featurized store: shard data in the Ray object store, shard statistics on the driver.
+
+    Built once, then any number of fits (training, validation folds, baselines) select shards
+    from it without reading the store again.
+    """
+
+    store_uri: str
+    configs: dict[str, DeploymentConfig]
+    partitions: list[Partition]
+    shard_refs: list[ray.ObjectRef]
+    stats: list[ShardStats]
+
+    def shards_of(self, config_ids: list[str] | set[str], dates: set[str] | None = None) -> list[int]:
+        return [i for i, st in enumerate(self.stats)
+                if st.config_id in config_ids and (dates is None or st.date in dates)]
+
+    @property
+    def config_ids(self) -> list[str]:
+        return sorted({st.config_id for st in self.stats})
+
+    @property
+    def dates(self) -> list[str]:
+        return sorted({st.date for st in self.stats})
+
+
+def _pair_partitions(store: Store, settings: TrainSettings) -> list[tuple[Partition | None, Partition | None]]:
+    steps = {(p.config_id, p.date): p for p in store.partitions("steps", None, settings.date_from, settings.date_to)}
+    reqs = {(p.config_id, p.date): p for p in store.partitions("requests", None, settings.date_from, settings.date_to)}
+    return [(steps.get(k), reqs.get(k)) for k in sorted(set(steps) | set(reqs))]
+
+
+def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | None = None) -> FeatureSet:
+    """List the store's shards in the settings' date window and featurize each in a Ray task."""
+    store = Store(store_uri, s3)
+    store.require()
+    configs = store.configs()
+    if not configs:
+        raise StoreError(f"{store_uri}: the store has no configuration documents (configs/*.json)")
+    pairs = _pair_partitions(store, settings)
+    if not pairs:
+        window = f" in {settings.date_from or '...'}..{settings.date_to or '...'}" if (settings.date_from or settings.date_to) else ""
+        raise StoreError(f"{store_uri}: no trace partitions{window} for the {len(configs)} configuration(s)")
+    ids = sorted({(s or r).config_id for s, r in pairs})
+    unknown = [c for c in ids if c not in configs]
+    if unknown:
+        raise StoreError(f"{store_uri}: partitions of unknown configuration(s) {', '.join(unknown)}: "
+                         "no configs/<id>.json documents them")
+    log(f"[rece] {store_uri}: {len(ids)} configurations, {len(pairs)} shards")
+    refs = [featurize.remote(store.uri, store.s3, configs[(s or r).config_id], s, r, settings.holdout_every)
+            for s, r in pairs]
+    stats: list[ShardStats] = gather([st for st, _ in refs], "features")
+    for cid in ids:
+        for t in TARGETS:
+            if sum(st.train_rows[t] for st in stats if st.config_id == cid) == 0:
+                raise StoreError(f"configuration {cid} ({configs[cid].label}) has no {t} training rows "
+                                 f"in the selected window")
+    return FeatureSet(store_uri, {c: configs[c] for c in ids}, [p for pair in pairs for p in pair if p],
+                      [shard for _, shard in refs], stats)
+
+
+def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | None = None,
+                 labels: dict[str, int] | None = None) -> dict[str, Any]:
+    """Embed, cluster and fit on the given shards (default: all); returns the artifact document.
+
+    ``labels`` fixes the specialists instead of clustering (baselines: one global group, one
+    group per configuration).
+    """
+    shards = list(range(len(fs.stats))) if shards is None else shards
+    ids = sorted({fs.stats[i].config_id for i in shards})
+    if not ids:
+        raise StoreError("no training shards selected")
+    by_config: dict[str, list[int]] = {}
+    for i in shards:
+        by_config.setdefault(fs.stats[i].config_id, []).append(i)
+    vectors = np.vstack([config_vector(fs.configs[c]) for c in ids])
+    emb = Embedding.fit(vectors)
+    E = emb(vectors)
+    if labels is None:
+        clus = cluster(E, settings.specialists, settings.clustering, settings.seed)
+    else:
+        lab = np.array([labels[c] for c in ids])
+        _, lab = np.unique(lab, return_inverse=True)
+        clus = Clustering(lab, np.vstack([E[lab == j].mean(axis=0) for j in range(lab.max() + 1)]),
+                          "given", int(lab.max() + 1), None)
+    members = {j: [c for c, lab in zip(ids, clus.labels) if lab == j] for j in range(clus.k)}
+    sil = "n/a" if clus.silhouette is None else f"{clus.silhouette:.3f}"
+    log(f"[rece] {len(ids)} configurations -> {clus.k} specialists ({clus.method}, silhouette {sil})")
+
+    # prepare + fit, every (target, specialist, quantile) an independent task
+    st = fs.stats
+    scales: dict[tuple[str, int], np.ndarray] = {}
+    columns: dict[tuple[str, int], np.ndarray] = {}
+    rows: dict[tuple[str, int], int] = {}
+    fit_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
+    part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
+    for t in TARGETS:
+        for j, cids in members.items():
+            idx = [i for c in cids for i in by_config[c]]
+            scale = column_scale(np.vstack([st[i].col_max[t] for i in idx]))
+            cols = independent_columns(sum(st[i].gram[t] for i in idx), scale)
+            n_cfg = {c: sum(st[i].train_rows[t] for i in by_config[c]) for c in cids}
+            total = sum(n_cfg.values())
+            refs = [prepare.remote(fs.shard_refs[i], t, scale, cols, total / (len(cids) * n_cfg[st[i].config_id]))
+                    for i in idx if st[i].train_rows[t]]
+            scales[(t, j)], columns[(t, j)], rows[(t, j)], part_refs[(t, j)] = scale, cols, total, refs
+            fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
+                                for q in settings.quantiles]
+    flat = [r for refs in fit_refs.values() for r in refs]
+    fitted = iter(gather(flat, f"fits ({len(flat)} LPs)"))
+    fits = {key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()}
+    crossing: dict[tuple[str, int], Any] = {}
+    if settings.noncrossing and len(settings.quantiles) > 1:
+        keys = list(fits)
+        refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
+        for k, (new_fits, report) in zip(keys, gather(refs, "non-crossing")):
+            fits[k], crossing[k] = new_fits, report
+    dates = sorted({st[i].date for i in shards})
+    return _assemble(fs.configs, ids, emb, clus, members, fits, scales, columns, rows, crossing, settings, dates)
+
+
+def predict_shards(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows: str = "holdout",
+                   top_k: int | None = None, temperature: float | None = None) -> list[dict[str, Any]]:
+    """Per shard and target: (y, predicted quantiles, rows rearranged) from the artifact's model.
+
+    ``rows`` is ``"holdout"`` (the held-out slice, for seen configurations) or ``"all"``
+    (every row, for configurations or dates the fit never saw).
+    """
+    if rows not in ("holdout", "all"):
+        raise ValueError("rows must be 'holdout' or 'all'")
+    doc_ref = ray.put(doc)
+    return gather([evaluate_shard.remote(doc_ref, fs.shard_refs[i], fs.configs[fs.stats[i].config_id], rows == "all",
+                                         top_k, temperature) for i in shards], "evaluation")
+
+
+def train(store_uri: str, settings: TrainSettings, s3: S3Options | None = None) -> TrainResult:
+    """Train a RECE artifact from a store. Raises ``ReceError`` with a clear message on bad input."""
+    t0 = time.monotonic()
+    fs = featurize_store(store_uri, settings, s3)
+    doc = fit_ensemble(fs, settings)
+    doc["metrics"] = _held_out_metrics(doc, fs, settings)
+    return TrainResult(doc, fs.partitions, time.monotonic() - t0)
+
+
+def _natural(coef: np.ndarray, scale: np.ndarray, columns: np.ndarray) -> list[float]:
+    """Solver coefficients (scaled, kept columns) -> natural units over every feature (0 if dropped)."""
+    out = np.zeros(len(scale))
+    out[columns] = np.asarray(coef) / scale[columns]
+    return out.tolist()
+
+
+def _assemble(configs, ids, emb, clus, members, fits, scales, columns, rows, crossing, settings: TrainSettings,
+              dates: list[str]) -> dict[str, Any]:
+    specialists = []
+    for j, cids in members.items():
+        coefficients = {t: {_qkey(f.tau): _natural(f.coef, scales[(t, j)], columns[(t, j)]) for f in fits[(t, j)]}
+                        for t in TARGETS}
+        specialists.append({
+            "id": j,
+            "centroid": clus.centroids[j].tolist(),
+            "members": cids,
+            "rows": {t: rows[(t, j)] for t in TARGETS},
+            "coefficients": coefficients,
+            "solver_scale": {t: scales[(t, j)].tolist() for t in TARGETS},
+            "fitted_columns": {t: columns[(t, j)].tolist() for t in TARGETS},
+            "fit": {t: [{"tau": f.tau, "objective": f.objective, "status": f.status, "rows_solved": f.n_solved_rows,
+                         "rounds": f.rounds} for f in fits[(t, j)]] for t in TARGETS},
+            "crossings": {t: _crossing_dict(crossing.get((t, j))) for t in TARGETS},
+        })
+    return {
+        "schema_version": artifact_mod.SCHEMA_VERSION,
+        "quantiles": list(settings.quantiles),
+        "targets": {t: {"definition": TARGET_DEFINITION[t], "units": TARGET_UNITS[t],
+                        "features": [{"name": f.name, "formula": f.formula, "units": f.units} for f in FEATURES[t]]}
+                    for t in TARGETS},
+        "config_vector": {"entries": [{"name": e.name, "formula": e.formula} for e in CONFIG_VECTOR],
+                          "center": emb.center.tolist(), "scale": emb.scale.tolist(),
+                          "similarity": "cosine of (v - center) / scale"},
+        "mixing": {"rule": "softmax-cosine", "temperature": settings.temperature, "top_k": settings.top_k,
+                   "noncrossing": "monotone-rearrangement"},
+        "clustering": {"method": clus.method, "k_requested": clus.k_requested, "k": clus.k,
+                       "silhouette": clus.silhouette},
+        "specialists": specialists,
+        "configurations": {c: {"label": configs[c].label, "specialist": int(clus.labels[i]), **configs[c].to_dict()}
+                           for i, c in enumerate(ids)},
+        "training": {
+            "rows": {t: int(sum(rows[(t, j)] for j in members)) for t in TARGETS},
+            "configurations": len(ids),
+            "date_window": [dates[0], dates[-1]],
+            "settings": settings.to_dict(),
+            "settings_sha256": hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest(),
+            "versions": library_versions(),
+            "git_commit": git_commit(),
+        },
+    }
+
+
+def _crossing_dict(report: Any) -> dict[str, Any] | None:
+    return None if report is None else dataclasses.asdict(report)
+
+
+def _held_out_metrics(doc: dict[str, Any], fs: FeatureSet, settings: TrainSettings) -> dict[str, Any]:
+    """Held-out metrics per specialist and overall, from the artifact's own predictions."""
+    shards = list(range(len(fs.stats)))
+    results = predict_shards(doc, fs, shards)
+    spec_of = {c: v["specialist"] for c, v in doc["configurations"].items()}
+    groups: dict[str, list[int]] = {"all": shards}
+    for i in shards:
+        groups.setdefault(f"specialist_{spec_of[fs.stats[i].config_id]}", []).append(i)
+    out: dict[str, Any] = {"held_out": {}}
+    for t in TARGETS:
+        out["held_out"][t] = {}
+        for name, idx in sorted(groups.items()):
+            y = np.concatenate([results[i][t][0] for i in idx])
+            vals = np.vstack([results[i][t][1] for i in idx])
+            m = quantile_metrics(y, vals, settings.quantiles)
+            m["rows_rearranged"] = float(sum(results[i][t][2] for i in idx))
+            out["held_out"][t][name] = m
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    names = ["rece-dist", "ray", "polars", "pyarrow", "numpy", "scipy", "scikit-learn", "cvxpy", "highspy", "clarabel"]
+    out = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = "absent"
+    return out
+
+
+def git_commit() -> str:
+    """The code's commit: ``RECE_GIT_COMMIT`` (set by CI or the job image) or ``git rev-parse``."""
+    env = os.environ.get("RECE_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,36 @@
+"""One progress line per phase while Ray tasks run, so a long job never looks hung."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Sequence
+
+import ray
+
+from .errors import ReceError
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def gather(refs: Sequence[ray.ObjectRef], label: str, every_s: float = 2.0) -> list[Any]:
+    """``ray.get`` in submission order, printing ``label: done/total`` as tasks finish."""
+    pending = list(refs)
+    total, t0, last = len(pending), time.monotonic(), 0.0
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=every_s)
+        now = time.monotonic()
+        if pending and now - last >= every_s:
+            log(f"  {label}: {total - len(pending)}/{total} done ({now - t0:.0f} s)")
+            last = now
+    try:
+        out = ray.get(list(refs))
+    except ray.exceptions.RayTaskError as exc:
+        # Bad input found inside a task surfaces as the task's own one-line error.
+        if isinstance(exc.cause, ReceError):
+            raise exc.cause from None
+        raise
+    log(f"  {label}: {total}/{total} done ({time.monotonic() - t0:.1f} s)")
+    return out

@@ -1,0 +1,57 @@
+"""The flows the CLI and the ``jobs/`` entrypoints share: connect Ray, train, publish, demo."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+from .artifact import summary_table
+from .pipeline import TrainResult, TrainSettings, train
+from .progress import log
+from .publish import PublishedVersion, data_fingerprint, publish
+from .store import Store
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join ``address`` (or ``RAY_ADDRESS``, as under ``ray job submit``), else start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+
+
+def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings,
+                      ray_address: str | None = None) -> tuple[TrainResult, PublishedVersion]:
+    """Train from ``store_uri`` and publish one immutable version under ``out_root``."""
+    connect_ray(ray_address)
+    result = train(store_uri, settings)
+    doc = result.artifact
+    training = doc["training"]
+    meta: dict[str, Any] = {
+        "git_commit": training["git_commit"],
+        "settings": settings.to_dict(),
+        "data_fingerprint": data_fingerprint(Store(store_uri), result.partitions),
+        "date_window": training["date_window"],
+        "versions": training["versions"],
+        "metrics": doc["metrics"],
+    }
+    version = publish(out_root, doc, meta)
+    print(summary_table(doc))
+    log(f"[train] published {version.version} -> {version.uri} ({result.seconds:.1f} s)")
+    return result, version
+
+
+def demo(store_uri: str, out_root: str, settings: TrainSettings, ray_address: str | None = None) -> None:
+    """``make demo``: generate a small store when absent, then train and publish locally."""
+    connect_ray(ray_address)
+    if not Store(store_uri).exists():
+        from .synth import generate_store
+
+        log(f"[demo] no store at {store_uri}: generating one")
+        generate_store(store_uri, n_configs=8, steps_per_config=6000, seed=1, days=2)
+    train_and_publish(store_uri, out_root, settings)

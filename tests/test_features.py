@@ -1,0 +1,124 @@
+"""Features against values computed by hand from datasheet numbers and the formulas' text."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from rece_dist.config import Catalog, DeploymentConfig, ServingSettings
+from rece_dist.features import (ALPHA_FEATURES, BETA_FEATURES, alpha_target, attach_load, feature_matrix,
+                                holdout_mask)
+
+
+@pytest.fixture(scope="module")
+def cat() -> Catalog:
+    return Catalog.default()
+
+
+def test_model_quantities_match_published_figures(cat):
+    m = cat.model("Llama-2-7b-hf")
+    # HuggingFace reports 6,738,415,616 parameters; we ignore RMSNorm weights (266,240).
+    assert m.total_params == pytest.approx(6_738_415_616, rel=1e-4)
+    assert m.kv_bytes_per_token == 2 * 32 * 4096 * 2  # K and V, 32 layers, 4096 wide, fp16
+    big = cat.model("Llama-2-70b-hf")
+    assert big.kv_bytes_per_token == 2 * 80 * 8 * 128 * 2  # GQA: 8 KV heads of 128
+    assert big.total_params == pytest.approx(68_976_648_192, rel=1e-4)
+    moe = cat.model("Mixtral-8x7B-v0.1")
+    assert moe.total_params == pytest.approx(46_702_792_704, rel=1e-4)
+    assert moe.active_params == pytest.approx(12.9e9, rel=0.01)
+
+
+def _steps() -> pl.DataFrame:
+    return pl.DataFrame({
+        "prefill_tokens": [1000, 0], "decode_tokens": [24, 64], "scheduled_tokens": [1024, 64],
+        "running_depth": [40, 64], "kv_usage_gpu_ratio": [0.5, 0.25],
+        "kv_blocks_offloaded": [0, 10], "kv_blocks_restored": [3, 0],
+    })
+
+
+def test_beta_features_by_hand(cat):
+    cfg = DeploymentConfig(cat.model("Llama-2-70b-hf"), cat.gpu("H100-SXM"),
+                           ServingSettings(tp=4, max_num_batched_tokens=2048, max_num_seqs=128, cpu_offload=True))
+    X = feature_matrix(_steps(), cfg, "beta")
+    f = {feat.name: X[:, i] for i, feat in enumerate(BETA_FEATURES)}
+    assert X.shape == (2, len(BETA_FEATURES))
+    np.testing.assert_allclose(f["bias"], [1, 1])
+    params = cat.model("Llama-2-70b-hf").active_params
+    # 1000 tokens * 2 FLOP/param / (4 GPUs * 989.5e12 FLOP/s) in microseconds
+    np.testing.assert_allclose(f["prefill_compute_us"][0], 1000 * 2 * params / (4 * 989.5e12) * 1e6, rtol=1e-12)
+    np.testing.assert_allclose(f["decode_kv_write_us"][1], 64 * 327_680 / (4 * 3.35e12) * 1e6, rtol=1e-12)
+    np.testing.assert_allclose(f["batch_fill"], [1024 / 2048, 64 / 2048])
+    np.testing.assert_allclose(f["prefill_fill_sq"], [(1000 / 2048) ** 2, 0])
+    np.testing.assert_allclose(f["decode_fill_sq"], [(24 / 2048) ** 2, (64 / 2048) ** 2])
+    np.testing.assert_allclose(f["prefill_x_decode"], [1000 * 24 / 2048 ** 2, 0])
+    np.testing.assert_allclose(f["prefill_x_kv"], [1000 * 0.5 / 2048, 0])
+    np.testing.assert_allclose(f["decode_x_running"], [24 * 40 / 2048, 64 * 64 / 2048])
+    np.testing.assert_allclose(f["kv_usage_sq"], [0.25, 0.0625])
+    np.testing.assert_allclose(f["inv_tp"], 0.25)
+    np.testing.assert_allclose(f["moe_active_experts"], 0)
+    np.testing.assert_allclose(f["cpu_offload"], 1)
+    # all-reduce: 3/4 of 4 * 80 layers * 1024 tokens * 8192 * 2 bytes over 900 GB/s
+    np.testing.assert_allclose(f["tp_allreduce_us"][0], 0.75 * 4 * 80 * 1024 * 8192 * 2 / 900e9 * 1e6, rtol=1e-12)
+    np.testing.assert_allclose(f["tp_sync_us"], [3 * 40 / 128 * 8.0, 3 * 64 / 128 * 8.0])
+    block_bytes = 16 * 327_680 / 4
+    np.testing.assert_allclose(f["offload_out_us"], [0, 10 * block_bytes / 64e9 * 1e6], rtol=1e-12)
+    np.testing.assert_allclose(f["offload_in_us"], [3 * block_bytes / 64e9 * 1e6, 0], rtol=1e-12)
+    np.testing.assert_allclose(f["moe_expert_compute_us"], 0)
+    weights = cat.model("Llama-2-70b-hf").total_params * 2 / 4
+    np.testing.assert_allclose(f["weight_read_us"], weights / 3.35e12 * 1e6, rtol=1e-12)
+
+
+def test_moe_terms_appear_only_for_moe(cat):
+    moe = DeploymentConfig(cat.model("Mixtral-8x7B-v0.1"), cat.gpu("H100-SXM"), ServingSettings(tp=2, expert_parallel=2))
+    X = feature_matrix(_steps(), moe, "beta")
+    f = {feat.name: X[:, i] for i, feat in enumerate(BETA_FEATURES)}
+    np.testing.assert_allclose(f["moe_active_experts"], 2 / 8)
+    np.testing.assert_allclose(f["moe_expert_parallel"], 2)
+    # 1024 tokens, 2 of 8 experts each: 256 tokens per expert, 2*3*4096*14336 FLOPs per layer, 32 layers
+    expert_flops = 2 * 32 * 3 * 4096 * 14336
+    np.testing.assert_allclose(f["moe_expert_compute_us"][0], 1024 * 2 / 8 * expert_flops / (2 * 989.5e12) * 1e6,
+                               rtol=1e-12)
+    np.testing.assert_allclose(f["offload_out_us"], 0)  # offload off
+
+
+def test_alpha_features_and_asof_load(cat):
+    cfg = DeploymentConfig(cat.model("Llama-2-7b-hf"), cat.gpu("A100-SXM-80GB"),
+                           ServingSettings(tp=2, max_num_seqs=64, max_model_len=4096, prefix_caching=True))
+    steps = pl.DataFrame({"ts_start_ns": [100, 200, 300], "running_depth": [1, 2, 3],
+                          "waiting_depth": [10, 20, 30], "kv_usage_gpu_ratio": [0.1, 0.2, 0.3]},
+                         schema_overrides={"running_depth": pl.Int32, "waiting_depth": pl.Int32,
+                                           "kv_usage_gpu_ratio": pl.Float32})
+    req = pl.DataFrame({"request_id": ["a", "b", "c"], "arrival_ns": [250, 50, 300], "queued_ns": [1250, 550, 2300],
+                        "prompt_tokens": [512, 1024, 2048]})
+    joined = attach_load(req, steps)
+    assert joined["request_id"].to_list() == ["b", "a", "c"]  # sorted by arrival
+    assert joined["waiting_depth"].to_list() == [0, 20, 30]   # before the first step: idle engine
+    np.testing.assert_allclose(alpha_target(joined), [0.5, 1.0, 2.0])
+    X = feature_matrix(joined, cfg, "alpha")
+    f = {feat.name: X[:, i] for i, feat in enumerate(ALPHA_FEATURES)}
+    np.testing.assert_allclose(f["queue_fill"], [0, 20 / 64, 30 / 64])
+    np.testing.assert_allclose(f["queue_fill_sq"], [0, (20 / 64) ** 2, (30 / 64) ** 2])
+    np.testing.assert_allclose(f["prompt_frac"], [1024 / 4096, 512 / 4096, 2048 / 4096])
+    np.testing.assert_allclose(f["queue_x_kv"], [0, 20 * 0.2 / 64, 30 * 0.3 / 64], rtol=1e-6)
+    np.testing.assert_allclose(f["prompt_x_kv"], [0, 512 * 0.2 / 4096, 2048 * 0.3 / 4096], rtol=1e-6)
+    np.testing.assert_allclose(f["running_x_kv"], [0, 2 * 0.2 / 64, 3 * 0.3 / 64], rtol=1e-6)
+    np.testing.assert_allclose(f["prefix_caching"], 1)
+    np.testing.assert_allclose(f["tp_gt_1"], 1)
+    np.testing.assert_allclose(f["tp_comm_us"], [1024 * 4096 * 2 / 600e9 * 1e6, 512 * 4096 * 2 / 600e9 * 1e6,
+                                                 2048 * 4096 * 2 / 600e9 * 1e6], rtol=1e-12)
+
+
+def test_holdout_mask_is_blocks():
+    m = holdout_mask(10_000, every=10, block=500)
+    assert m.sum() == 1000
+    assert not m[:4500].any() and m[4500:5000].all()
+
+
+def test_docs_table_matches_code():
+    from pathlib import Path
+
+    from rece_dist.features import features_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "features.md"
+    assert doc.read_text() == features_markdown(), "regenerate: python -m rece_dist.features > docs/features.md"
