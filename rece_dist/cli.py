@@ -64,6 +64,67 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top_k_value(s: str) -> int | None:
+    """``--top-k-grid`` entries: a positive integer, or ``dense`` for mixing every specialist."""
+    if s == "dense":
+        return None
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'dense', got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError("top-k values must be at least 1")
+    return v
+
+
+def _grid_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sensitivity grid")
+    g.add_argument("--k-grid", type=int, nargs="+", default=[1, 2, 4, 6], help="numbers of specialists K to try")
+    g.add_argument("--temperatures", type=float, nargs="+", default=[0.05, 0.1, 0.3, 1.0], help="temperatures to try")
+    g.add_argument("--top-k-grid", type=_top_k_value, nargs="+", default=[1, 2, None],
+                   help="top-k values to try ('dense': all specialists)")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import PROTOCOLS, EvalOptions, baseline_text, evaluate_artifact
+    from .report import write_report
+    from .runner import connect_ray
+
+    options = EvalOptions(
+        protocols=PROTOCOLS if args.protocol == "all" else (args.protocol,), sparse_top_k=args.sparse_top_k,
+        cv_folds=args.folds, k_grid=tuple(args.k_grid), temperatures=tuple(args.temperatures),
+        top_ks=tuple(args.top_k_grid), donor_experiment=not args.no_donor_experiment)
+    connect_ray(args.ray_address)
+    ev = evaluate_artifact(args.artifact, args.store, options, args.max_regression)
+    print(baseline_text(ev))
+    if ev.drift is not None:
+        print(f"drift vs previous version: {ev.drift.reason}")
+    print(f"report: {write_report(ev, args.report)}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .evaluate import sweep_text, tune
+    from .runner import connect_ray
+
+    connect_ray(args.ray_address)
+    print(sweep_text(tune(args.store, _settings(args), args.folds, args.k_grid, args.temperatures, args.top_k_grid)))
+    return 0
+
+
+def _cmd_donors(args: argparse.Namespace) -> int:
+    from .donors import load_candidates, new_candidates, picks_table, rank_donors
+    from .evaluate import text_table
+    from .store import Store
+
+    stored = Store(args.store).configs()
+    candidates, dropped = new_candidates(stored, load_candidates(args.candidates))
+    for why in dropped:
+        print(f"skipped: {why}")
+    print(text_table(picks_table(rank_donors(list(stored.values()), candidates, args.n))))
+    return 0
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--specialists", "-k", type=int, default=4, help="number of specialists K (default 4)")
@@ -106,6 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", required=True, help="configuration document (JSON/YAML)")
     pr.add_argument("--input", required=True, help='JSON: {"alpha": [rows], "beta": [rows]}')
     pr.set_defaults(fn=_cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="validate an artifact's recipe against baselines and write an HTML report")
+    ev.add_argument("--artifact", required=True, help="artifact.json, or an artifact root (uses latest)")
+    ev.add_argument("--store", required=True, help="trace store: folder or s3://bucket/prefix")
+    ev.add_argument("--report", required=True, help="folder to write index.html and its PNGs into")
+    ev.add_argument("--protocol", choices=["loco", "logo", "lomo", "temporal", "all"], default="all",
+                    help="validation protocol (default: all that the store allows)")
+    ev.add_argument("--sparse-top-k", type=int, default=2, help="k of the sparse RECE variant (default 2)")
+    ev.add_argument("--folds", type=int, default=None,
+                    help="folds over configurations for the sensitivity sweep (default: one per configuration)")
+    ev.add_argument("--no-donor-experiment", action="store_true", help="skip the donor-selection experiment")
+    ev.add_argument("--max-regression", type=float, default=0.05,
+                    help="pinball regression vs the previous version that counts as worse (default 0.05)")
+    ev.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")
+    _grid_options(ev)
+    ev.set_defaults(fn=_cmd_evaluate)
+
+    tu = sub.add_parser("tune", help="pick K, temperature and top-k by grouped cross-validation over configurations")
+    tu.add_argument("--store", required=True, help="trace store: folder or s3://bucket/prefix")
+    tu.add_argument("--folds", type=int, default=None, help="folds over configurations (default: one per configuration)")
+    _add_train_options(tu)
+    _grid_options(tu)
+    tu.set_defaults(fn=_cmd_tune)
+
+    do = sub.add_parser("donors", help="rank candidate configurations by the embedding coverage they add")
+    do.add_argument("--store", required=True, help="trace store whose configurations are already covered")
+    do.add_argument("--candidates", required=True, help="YAML/JSON list of configuration documents")
+    do.add_argument("--n", type=int, default=5, help="how many to pick (default 5)")
+    do.set_defaults(fn=_cmd_donors)
     return p
 
 

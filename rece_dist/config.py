@@ -162,8 +162,19 @@ class ServingSettings:
                 raise ConfigError(f"{source}: serving.{name} must be a positive integer, got {v!r}")
         if self.tp & (self.tp - 1):
             raise ConfigError(f"{source}: serving.tp must be a power of two, got {self.tp}")
-        if not 0.1 <= self.gpu_memory_utilization <= 1.0:
-            raise ConfigError(f"{source}: serving.gpu_memory_utilization must be in [0.1, 1]")
+        for name in ("chunked_prefill", "prefix_caching", "cpu_offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{source}: serving.{name} must be true or false, got {getattr(self, name)!r}")
+        util = self.gpu_memory_utilization
+        if not isinstance(util, (int, float)) or isinstance(util, bool) or not 0.1 <= util <= 1.0:
+            raise ConfigError(f"{source}: serving.gpu_memory_utilization must be a number in [0.1, 1], got {util!r}")
+        if not isinstance(self.vllm_version, str):
+            raise ConfigError(f"{source}: serving.vllm_version must be a string, got {self.vllm_version!r}")
+        if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(
+                f"{source}: without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                f"must be at least max_model_len ({self.max_model_len})"
+            )
 
 
 @dataclass(frozen=True)
@@ -230,6 +241,11 @@ class DeploymentConfig:
 
     def check(self, source: str) -> None:
         self.serving.check(source)
+        m, tp, ep = self.model, self.serving.tp, self.serving.expert_parallel
+        if m.num_attention_heads % tp:
+            raise ConfigError(f"{source}: {m.name} has {m.num_attention_heads} attention heads, not divisible by TP {tp}")
+        if m.is_moe and m.num_experts % ep:
+            raise ConfigError(f"{source}: {m.name} has {m.num_experts} experts, not divisible by expert_parallel {ep}")
         if self.kv_capacity_tokens < self.serving.max_model_len:
             raise ConfigError(
                 f"{source}: {self.model.name} at TP{self.serving.tp} does not fit on {self.gpu.name} "

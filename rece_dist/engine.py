@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DeploymentConfig
-from .physics import STEP_NOISE, ApiOverhead, StepModel
+from .physics import STEP_NOISE, ApiOverhead, StepModel, vllm_release
 from .workload import RequestSource
 
 API, WAITING, PREFILL, DECODE, DONE, ABORTED = range(6)
@@ -63,7 +63,7 @@ class Engine:
         s = cfg.serving
         self.model = model or StepModel(cfg)
         self.api = api
-        self.version = s.vllm_version
+        self.async_scheduling = vllm_release(s.vllm_version).async_scheduling
         self.source = source
         self.rng = rng
         self.timeout_us = source.workload.timeout_s * 1e6
@@ -126,6 +126,8 @@ class Engine:
 
         self.step = 0
         self.t = 0.0
+        self.t_prev = 0.0  # start of the previous step: with async scheduling the current
+        # step was planned then, so only requests queued by that time can be in it
         self.rows: list[tuple[float, ...]] = []
         self._noise_mult: list[float] = []
         self._noise_add: list[float] = []
@@ -140,8 +142,9 @@ class Engine:
             t = self.t
             if self.next_arrival <= t:
                 self._arrive(t)
-            if self.pending and self.pending[0][0] <= t:
-                self._enqueue(t)
+            cutoff = self.t_prev if self.async_scheduling else t
+            if self.pending and self.pending[0][0] <= cutoff:
+                self._enqueue(cutoff)
             if self.next_expiry <= t:
                 self._expire(t)
             if self.running or self.n_waiting:
@@ -150,7 +153,7 @@ class Engine:
             wake = min(self.next_arrival, self.pending[0][0] if self.pending else math.inf)
             if wake == math.inf:
                 break
-            self.t = max(t, wake)
+            self.t = self.t_prev = max(t, wake)  # an idle engine schedules as soon as work arrives
         return self._result()
 
     def _step(self, t: float) -> None:
@@ -210,7 +213,7 @@ class Engine:
         ))
         self.offloaded = self.restored = 0
         self.step = s + 1
-        self.t = t_end
+        self.t_prev, self.t = t, t_end
 
     # --- scheduling events ----------------------------------------------------------------------
     def _preempt(self, s: int, need: int, budget: int, plan: list[tuple[int, int, int]]) -> tuple[int, int, int]:
@@ -354,7 +357,7 @@ class Engine:
         self.state[i] = DONE
         self.finish[i] = t_end
         if t_end <= self.arrival[i] + self.timeout_us:
-            self.departed[i] = t_end + self.api.depart_us
+            self.departed[i] = t_end + self.api.delivery_us * self.alpha_mult[i]
         self.running.remove(i)
         self._leave_group(i, self.step)
 
@@ -400,7 +403,7 @@ class Engine:
         depth = len(self.running)
         while self.next_arrival <= t:
             i = self.next_req
-            alpha = self.api.deterministic_us(self.prompt[i], depth, self.version) * self.alpha_mult[i] + self.alpha_add[i]
+            alpha = self.api.deterministic_us(self.prompt[i], depth) * self.alpha_mult[i] + self.alpha_add[i]
             heapq.heappush(self.pending, (self.arrival[i] + alpha, i))
             self.next_req = i + 1
             if self.next_req == len(self.arrival):

@@ -177,13 +177,15 @@ def beta_target(steps: pl.DataFrame) -> np.ndarray:
 
 
 def holdout_mask(n: int, every: int = 10, block: int = 500) -> np.ndarray:
-    """Deterministic held-out slice: every ``every``-th block of ``block`` consecutive rows.
+    """Deterministic held-out slice: every ``every``-th block of consecutive rows.
 
     Contiguous blocks, not single rows, so a held-out step is not flanked by training steps
-    with nearly the same batch (which would flatter the metrics).
+    with nearly the same batch (which would flatter the metrics). Blocks shrink for short
+    partitions so that each still holds out about 1/``every`` of its rows in >= 5 blocks.
     """
     if every <= 0:
         return np.zeros(n, dtype=bool)
+    block = max(1, min(block, n // (5 * every)))
     return (np.arange(n) // block) % every == every - 1
 
 

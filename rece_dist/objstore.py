@@ -21,7 +21,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -42,10 +42,9 @@ _S3_CODES: dict[str, tuple[str, str]] = {
     "signaturedoesnotmatch": ("the request signature was rejected (wrong secret key?)", _CREDENTIALS_HINT),
     "expiredtoken": ("the session token has expired", "refresh the credentials"),
     "invalidtoken": ("the session token is invalid", _CREDENTIALS_HINT),
-    "networkconnection": ("the endpoint cannot be reached", "check AWS_ENDPOINT_URL and that the service is up"),
 }
 _NO_CREDENTIALS = ("no AWS credentials were found", "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an IAM role")
-_UNREACHABLE = _S3_CODES["networkconnection"]
+_UNREACHABLE_HINT = "check AWS_ENDPOINT_URL and that the service is up"
 _CODE_PATTERNS = (re.compile(r"AWS Error ([A-Z_]+)"), re.compile(r"<Code>(\w+)</Code>"))
 
 
@@ -86,6 +85,7 @@ class S3Options:
         opts: dict[str, Any] = {
             "aws_region": self.region or DEFAULT_REGION,
             "connect_timeout": f"{int(self.connect_timeout * 1000)}ms",
+            "timeout": f"{int(self.read_timeout * 1000)}ms",  # object_store: per whole request (its default is 30 s too)
             "max_retries": self.max_attempts - 1,
         }
         if self.endpoint:
@@ -107,8 +107,12 @@ class S3Options:
         return pafs.S3FileSystem(**kw)
 
     def boto3(self) -> Any:
-        """A boto3 S3 client from a fresh session, so it sees the credentials in the environment now."""
+        """A boto3 S3 client from a fresh session, so it sees the credentials in the environment now.
+
+        Sessions share one model loader: parsing botocore's service JSON anew costs ~0.25 s per client.
+        """
         import boto3
+        import botocore.session
         from botocore.config import Config
 
         config = Config(
@@ -119,8 +123,16 @@ class S3Options:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()
-        return session.client("s3", endpoint_url=self.endpoint, region_name=self.region or DEFAULT_REGION, config=config)
+        core = botocore.session.get_session()
+        core.register_component("data_loader", _botocore_loader())
+        return boto3.session.Session(botocore_session=core).client("s3", endpoint_url=self.endpoint, region_name=self.region or DEFAULT_REGION, config=config)
+
+
+@cache
+def _botocore_loader() -> Any:
+    import botocore.loaders
+
+    return botocore.loaders.create_loader()
 
 
 class ObjectInfo(NamedTuple):
@@ -196,11 +208,10 @@ class ObjectRoot:
         where = self.s3.describe()  # type: ignore[union-attr]
         if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
             return _NO_CREDENTIALS
-        if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, ConnectionError, TimeoutError)):
-            return f"{where} cannot be reached ({type(exc).__name__})", _UNREACHABLE[1]
         code = _error_code(exc)
-        if code == "networkconnection":
-            return f"{where} cannot be reached", _UNREACHABLE[1]
+        if code == "networkconnection" or isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, ConnectionError, TimeoutError)):
+            timed_out = isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__ or "Timeout was reached" in str(exc)
+            return f"{where} {'did not answer in time' if timed_out else 'cannot be reached'}", _UNREACHABLE_HINT
         if code in ("nosuchbucket", "404"):  # a 404 without a code only reaches here from head_bucket
             return f"bucket {self.bucket!r} does not exist", "create it or fix the bucket name in the URI"
         if code in _S3_CODES:

@@ -19,17 +19,36 @@ from typing import NamedTuple
 import numpy as np
 
 from .config import DeploymentConfig
+from .errors import ConfigError
 
 ACTIVATION_BYTES = 2  # BF16 activations travel through the collectives
 
-# CPU cost of a step and of the API server relative to vLLM 0.11.0 (V1 engine, async output
-# processing). Older releases spent more time in Python per step. Versions not listed (newer)
-# are costed like the newest one.
-VERSION_CPU_FACTOR: dict[str, float] = {"0.10.1": 1.30, "0.10.2": 1.15, "0.11.0": 1.0, "0.11.2": 0.95}
+@dataclass(frozen=True)
+class VllmRelease:
+    """What a vLLM release changes for the generator."""
+
+    cpu_factor: float  # per-step CPU work relative to 0.11.0
+    async_scheduling: bool  # plans step N+1 while step N runs: new requests join one step later
 
 
-def version_factor(version: str) -> float:
-    return VERSION_CPU_FACTOR.get(version, min(VERSION_CPU_FACTOR.values()))
+# Releases the generator knows. 0.14.0 made async scheduling the default (vllm-project/vllm
+# #27614): scheduling overlaps GPU execution, so little of the per-step CPU work stays on the
+# critical path, and a request that arrives during step N is first scheduled in step N+2.
+VLLM_RELEASES: dict[str, VllmRelease] = {
+    "0.10.2": VllmRelease(cpu_factor=1.15, async_scheduling=False),
+    "0.11.0": VllmRelease(cpu_factor=1.0, async_scheduling=False),
+    "0.13.0": VllmRelease(cpu_factor=0.95, async_scheduling=False),
+    "0.14.0": VllmRelease(cpu_factor=0.9, async_scheduling=True),
+}
+
+
+def vllm_release(version: str) -> VllmRelease:
+    try:
+        return VLLM_RELEASES[version]
+    except KeyError:
+        raise ConfigError(
+            f"the generator does not model vLLM {version!r}; known releases: {', '.join(VLLM_RELEASES)}"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -43,14 +62,14 @@ class Efficiency:
     sampling, output processing) costs about a millisecond per step.
     """
 
-    gemm: float = 0.60
+    gemm: float = 0.70
     attention: float = 0.45
-    moe: float = 0.25
-    hbm: float = 0.90
+    moe: float = 0.30
+    hbm: float = 0.92
     link: float = 0.70
     pcie: float = 0.75
-    step_us: float = 1000.0
-    per_seq_us: float = 8.0
+    step_us: float = 2200.0
+    per_seq_us: float = 20.0
     per_token_us: float = 0.2
 
 
@@ -104,7 +123,7 @@ class StepModel:
 
         block_bytes = s.block_size * m.kv_bytes_per_token / tp
         self._offload_us_per_block = block_bytes / (cfg.pcie_bytes_per_us * eff.pcie) if s.cpu_offload else 0.0
-        cpu = version_factor(s.vllm_version)
+        cpu = vllm_release(s.vllm_version).cpu_factor
         self._cpu_fixed_us = eff.step_us * cpu
         self._cpu_us_per_seq = eff.per_seq_us * cpu
         self._cpu_us_per_token = eff.per_token_us * cpu
@@ -201,12 +220,11 @@ class ApiOverhead:
     wider than for steps (the event loop is shared) with rarer but larger stalls.
     """
 
-    base_us: float = 350.0
-    per_prompt_token_us: float = 0.9
-    per_running_us: float = 12.0
-    depart_us: float = 150.0  # last detokenise + send after the engine finishes
+    base_us: float = 1500.0
+    per_prompt_token_us: float = 1.5
+    per_running_us: float = 40.0
+    delivery_us: float = 2500.0  # engine output -> client: IPC, detokenise, SSE, client parse
     noise: HeavyTailNoise = HeavyTailNoise(sigma=0.30, spike_prob=2e-3, spike_min_us=1500.0, spike_alpha=1.5, spike_cap_us=200_000.0)
 
-    def deterministic_us(self, prompt_tokens: float, running_depth: int, version: str) -> float:
-        cpu = version_factor(version)
-        return cpu * (self.base_us + self.per_prompt_token_us * prompt_tokens + self.per_running_us * running_depth)
+    def deterministic_us(self, prompt_tokens: float, running_depth: int) -> float:
+        return self.base_us + self.per_prompt_token_us * prompt_tokens + self.per_running_us * running_depth

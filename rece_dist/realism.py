@@ -4,8 +4,9 @@ For every run under ``reference/runs`` (inference-perf against vLLM on H100 SXM)
 simulated with the same model, TP, batching limits and ``max_model_len``, the vLLM V1 defaults
 (chunked prefill and prefix caching on), the same shared-prefix prompts and fixed output
 lengths, the same constant-rate stages and the client's 300 s timeout. Client-side metrics are
-computed like inference-perf: TTFT = first token - arrival (alpha included), TPOT = (e2e -
-TTFT) / (output - 1), over the requests that succeeded.
+computed like inference-perf, over the requests that succeeded: TTFT = first token at the
+client - arrival (alpha included; the first chunk takes the same engine-to-client path as the
+last, ``departed - finished``), TPOT = (e2e - TTFT) / (output - 1).
 
 The measured TPOT needs one correction. These runs predate inference-perf's fix for
 re-tokenising each streamed chunk with special tokens (kubernetes-sigs/inference-perf #564,
@@ -36,6 +37,7 @@ from .errors import ConfigError
 from .workload import RequestSource, SharedPrefixLengths, Stage, Workload
 
 REFERENCE_GPU = "H100-SXM"
+REFERENCE_VLLM = "0.14.0"  # newest release at the run dates (Feb 2026); async scheduling on
 CLIENT_TIMEOUT_S = 300.0
 TOLERANCE = 0.30
 _PERCENTILE_KEYS = (
@@ -172,6 +174,7 @@ def _load_run(d: Path, catalog: Catalog) -> ReferenceRun:
         max_model_len=int(_field(exp, "max_model_len", d)),
         chunked_prefill=True,  # vLLM V1 defaults
         prefix_caching=True,
+        vllm_version=REFERENCE_VLLM,
     )
     cfg = DeploymentConfig(catalog.model(names[base]), catalog.gpu(REFERENCE_GPU), serving)
     cfg.check(str(d))
@@ -225,7 +228,8 @@ def simulate_run(run: ReferenceRun, seed: int = 0) -> tuple[list[StageComparison
     result = Engine(run.cfg, source, np.random.default_rng(eng_seed)).run()
     r = result.requests
     ok = np.isfinite(r["departed_us"])
-    ttft = (r["first_token_us"] - r["arrival_us"]) / 1e6
+    delivery = r["departed_us"] - r["finished_us"]  # engine -> client path, the same for every chunk
+    ttft = (r["first_token_us"] + delivery - r["arrival_us"]) / 1e6
     tpot = (r["departed_us"] - r["first_token_us"]) / 1e6 / np.maximum(r["output_tokens"] - 1, 1)
     out = []
     for k, m in enumerate(run.stages):

@@ -68,10 +68,13 @@ class HeavyTailLengths:
 
 @dataclass(frozen=True)
 class SharedPrefixLengths:
-    """inference-perf's ``shared_prefix`` data: ``num_groups`` system prompts, each shared by
-    ``users_per_group`` users, one fixed question per user, served round-robin; a fixed output
-    length (``ignore_eos``). ``prompt_quantiles`` ((probability, tokens) pairs) replaces
-    system+question by a measured prompt-length distribution when one is known."""
+    """inference-perf's ``shared_prefix`` data in multi-turn mode: ``num_groups`` system prompts,
+    each shared by ``users_per_group`` users; each user owns one fixed question and re-sends the
+    same prompt every round (requests go to users round-robin); a fixed output length
+    (``ignore_eos``). So from its second round on, a user's whole prompt is a prefix-cache
+    candidate: the cache group is the user and the shared prefix is the whole prompt.
+    ``prompt_quantiles`` ((probability, tokens) pairs) spreads the users' prompt lengths like a
+    measured distribution instead of system+question exactly."""
 
     system_prompt_len: int
     question_len: int
@@ -85,12 +88,12 @@ class SharedPrefixLengths:
         user = (first + np.arange(n)) % users
         if self.prompt_quantiles:
             probs, values = (np.array(v, dtype=np.float64) for v in zip(*self.prompt_quantiles))
-            prompt = np.rint(np.interp(rng.random(n), probs, values)).astype(np.int64)
+            per_user = np.rint(np.interp((np.arange(users) + 0.5) / users, probs, values)).astype(np.int64)
+            prompt = per_user[user]
         else:
             prompt = np.full(n, self.system_prompt_len + self.question_len, dtype=np.int64)
         output = np.full(n, self.output_len, dtype=np.int64)
-        prefix = np.full(n, self.system_prompt_len, dtype=np.int64)
-        return _clip(prompt, output, user // self.users_per_group, prefix, max_model_len)
+        return _clip(prompt, output, user, prompt, max_model_len)
 
 
 Lengths = HeavyTailLengths | SharedPrefixLengths
@@ -144,7 +147,7 @@ class RequestSource:
         self._emitted = 0
         self._next_constant_us = 0.0
         self._high = False
-        self._state_left_us = 0.0
+        self._state_end_us = 0.0  # when the MMPP's current state ends (absolute, us)
 
     def next_chunk(self) -> RequestChunk | None:
         """The next non-empty slice of requests, or None when the workload has ended."""
@@ -197,12 +200,13 @@ class RequestSource:
         parts = []
         t = t0
         while t < t1:
-            if self._state_left_us <= 0:
+            if self._state_end_us <= t:
                 self._high = not self._high
-                self._state_left_us = self.rng.exponential(_BURST_DWELL_S[0 if self._high else 1] * 1e6)
-            end = min(t1, t + self._state_left_us)
+                dwell = self.rng.exponential(_BURST_DWELL_S[0 if self._high else 1] * 1e6)
+                self._state_end_us = max(self._state_end_us, t0) + dwell
+                continue
+            end = min(t1, self._state_end_us)
             parts.append(_poisson(self.rng, t, end, high if self._high else low))
-            self._state_left_us -= end - t
             t = end
         return np.concatenate(parts)
 

@@ -110,9 +110,11 @@ def test_alpha_features_and_asof_load(cat):
 
 
 def test_holdout_mask_is_blocks():
-    m = holdout_mask(10_000, every=10, block=500)
-    assert m.sum() == 1000
+    m = holdout_mask(25_000, every=10, block=500)
+    assert m.sum() == 2500
     assert not m[:4500].any() and m[4500:5000].all()
+    short = holdout_mask(3000, every=10)  # blocks shrink to 60 rows: still 10%, in 5 blocks
+    assert short.sum() == 300 and short[540:600].all() and not short[:540].any()
 
 
 def test_docs_table_matches_code():

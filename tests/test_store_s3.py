@@ -80,9 +80,7 @@ def test_store_survives_pickling_for_ray_tasks(s3_store):
 def test_listing_pages_past_1000_keys_without_opening_files(s3_bucket):
     """1100 keys force a second ListObjectsV2 page; the bytes are not Parquet, so any read would fail."""
     keys = [f"big/steps/config_id=c{i % 11:02d}/date=2024-01-{1 + i // 11 % 28:02d}/part-{i}.parquet" for i in range(1100)]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(lambda k: s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=k, Body=b"x"), keys))
-    assert len(ObjectRoot(s3_bucket.uri("big")).list("steps")) == 1100
+    s3_bucket.seed(keys)
     store = Store(s3_bucket.uri("big"))
     parts = store.partitions("steps")
     assert sum(len(p.files) for p in parts) == 1100 and len(parts) == 11 * 28
@@ -121,14 +119,14 @@ def test_silent_endpoint_times_out_instead_of_hanging(s3_bucket):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(64)  # the kernel completes handshakes; nobody ever reads or replies
-        opts = S3Options(endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}", connect_timeout=0.5, read_timeout=0.5, max_attempts=1)
+        opts = S3Options(endpoint_url=f"http://127.0.0.1:{server.getsockname()[1]}", connect_timeout=0.3, read_timeout=0.3, max_attempts=1)
         store = Store(s3_bucket.uri("traces"), s3=opts)
         part = _partition(store, "steps/config_id=c/date=2024-01-01/part-0.parquet")
         for call in (store.exists, lambda: store.scan(part), lambda: store.row_count(part)):
             started = time.monotonic()
-            with pytest.raises(StoreError, match="cannot be reached"):
+            with pytest.raises(StoreError, match="did not answer in time"):
                 call()
-            assert time.monotonic() - started < 8
+            assert time.monotonic() - started < 5
 
 
 def _partition(store: Store, rel: str) -> Partition:

@@ -1,0 +1,210 @@
+"""Which configuration to measure next: greedy coverage of the embedding space (seed Phase 5).
+
+A candidate's coverage score is its distance to the nearest configuration already covered
+(the store's, then the ones picked before it): the greedy max-min rule, which spreads new
+measurements where the specialists have least data. Distances are Euclidean in the store's
+standardised embedding (``specialists.Embedding``), not cosine: cosine ignores how far from
+the centre a configuration lies, so a candidate twice as extreme as a stored one along the
+same direction would count as covered.
+
+``donor_experiment`` checks the rule pays off: with some configurations held out as targets,
+adding the top-ranked candidate's data to a base set should cut transfer error more than
+adding a random candidate from the pool (every candidate is tried, so "random" is the exact
+mean over the pool, not a draw).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+import yaml
+
+from .config import Catalog, DeploymentConfig, config_vector
+from .errors import ConfigError
+from .evaluate import EvaluationError, Fitter, FitRequest, PredictJob, aggregate, predict_cells
+from .pipeline import TARGETS
+from .progress import log
+from .specialists import Embedding
+
+
+def greedy_max_min(existing: np.ndarray, candidates: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """Pick ``n`` candidate rows, each the farthest from everything covered so far.
+
+    Returns (candidate index, distance to the nearest covered point when picked); ties go to
+    the lower index. ``existing`` may be empty (then the first pick is candidate 0, score inf).
+    """
+    if len(candidates) == 0:
+        return []
+    if len(existing):
+        dmin = np.linalg.norm(candidates[:, None, :] - existing[None, :, :], axis=2).min(axis=1)
+    else:
+        dmin = np.full(len(candidates), np.inf)
+    picked: list[tuple[int, float]] = []
+    free = np.ones(len(candidates), dtype=bool)
+    for _ in range(min(n, len(candidates))):
+        i = int(np.argmax(np.where(free, dmin, -np.inf)))
+        picked.append((i, float(dmin[i])))
+        free[i] = False
+        dmin = np.minimum(dmin, np.linalg.norm(candidates - candidates[i], axis=1))
+    return picked
+
+
+@dataclass(frozen=True)
+class DonorPick:
+    rank: int
+    config: DeploymentConfig
+    score: float          # distance to the nearest covered configuration when picked
+    nearest_stored: str   # label of the nearest store configuration
+    nearest_distance: float
+
+
+def rank_donors(stored: Sequence[DeploymentConfig], candidates: Sequence[DeploymentConfig], n: int) -> list[DonorPick]:
+    """Greedy coverage ranking of ``candidates`` against the embedding fitted on ``stored``."""
+    if not stored:
+        raise ConfigError("ranking donors needs at least one configuration in the store")
+    V = np.vstack([config_vector(c) for c in stored])
+    emb = Embedding.fit(V)
+    E = emb(V)
+    C = emb(np.vstack([config_vector(c) for c in candidates])) if candidates else np.zeros((0, V.shape[1]))
+    out = []
+    for rank, (i, score) in enumerate(greedy_max_min(E, C, n), start=1):
+        d = np.linalg.norm(E - C[i], axis=1)
+        out.append(DonorPick(rank, candidates[i], score, stored[int(np.argmin(d))].label, float(d.min())))
+    return out
+
+
+def load_candidates(path: str, catalog: Catalog | None = None) -> list[DeploymentConfig]:
+    """A YAML/JSON list of configuration documents, each resolved against the catalog."""
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: candidates file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid JSON/YAML ({exc})") from None
+    if not isinstance(doc, list) or not doc:
+        raise ConfigError(f"{path}: expected a non-empty list of configuration documents")
+    catalog = catalog or Catalog.default()
+    return [catalog.resolve(d, f"{path}[{i}]") for i, d in enumerate(doc)]
+
+
+def new_candidates(stored: Mapping[str, DeploymentConfig],
+                   candidates: Sequence[DeploymentConfig]) -> tuple[list[DeploymentConfig], list[str]]:
+    """Drop candidates already in the store or listed twice; say which were dropped."""
+    keep: dict[str, DeploymentConfig] = {}
+    dropped = []
+    for c in candidates:
+        if c.config_id in stored:
+            dropped.append(f"{c.label} is already in the store")
+        elif c.config_id in keep:
+            dropped.append(f"{c.label} is listed twice")
+        else:
+            keep[c.config_id] = c
+    return list(keep.values()), dropped
+
+
+# --- does it pay off? --------------------------------------------------------------------------
+
+@dataclass
+class DonorTrial:
+    """One random split of the store's configurations into targets, a base set and a pool."""
+
+    targets: list[str]
+    base: list[str]
+    pool: list[str]           # in greedy ranking order: pool[0] is the top donor
+    scores: pl.DataFrame      # candidate ("base" or a pool config_id), criterion, mape_p50, interval_coverage
+
+    def criterion(self, candidate: str) -> float:
+        return float(self.scores.filter(pl.col("candidate") == candidate)["criterion"][0])
+
+    @property
+    def top(self) -> str:
+        return self.pool[0]
+
+    @property
+    def random_mean(self) -> float:
+        """Expected criterion of a uniformly random pool candidate (exact: every one was fitted)."""
+        return float(np.mean([self.criterion(c) for c in self.pool]))
+
+    @property
+    def top_beats(self) -> float:
+        """Share of the other pool candidates the top donor beats (1: it was the best pick)."""
+        others = [self.criterion(c) for c in self.pool[1:]]
+        return float(np.mean([self.criterion(self.top) < o for o in others])) if others else float("nan")
+
+
+@dataclass
+class DonorExperiment:
+    trials: list[DonorTrial]
+
+    def summary(self) -> pl.DataFrame:
+        return pl.DataFrame([{
+            "trial": i + 1, "targets": len(t.targets), "base": len(t.base), "pool": len(t.pool),
+            "base_only": t.criterion("base"), "top_donor": t.criterion(t.top), "random_candidate": t.random_mean,
+            "best_candidate": min(t.criterion(c) for c in t.pool), "top_beats_share": t.top_beats,
+        } for i, t in enumerate(self.trials)])
+
+    def verdict(self) -> str:
+        s = self.summary()
+        wins = int((s["top_donor"] < s["random_candidate"]).sum())
+        gain = float(((s["random_candidate"] - s["top_donor"]) / s["random_candidate"]).mean())
+        return (f"top-ranked donor beat the random-candidate expectation in {wins}/{s.height} trial(s); "
+                f"mean change in unseen relative pinball vs random: {-100 * gain:+.1f}%")
+
+
+def split_sizes(n: int) -> tuple[int, int, int]:
+    """(targets, base, pool) for ``n`` configurations; the pool needs two candidates to compare."""
+    targets, base = max(1, n // 4), max(2, n // 3)
+    pool = n - targets - base
+    if pool < 2:
+        raise EvaluationError(f"the donor experiment needs at least 5 configurations (has {n})")
+    return targets, base, pool
+
+
+def donor_experiment(fitter: Fitter, trials: int = 3, seed: int = 0) -> DonorExperiment:
+    """Targets held out; fit RECE on base + each pool candidate; compare the top donor with the rest.
+
+    Every fit uses the fitter's settings (the artifact's recipe); the criterion is the unseen
+    relative pinball loss on the targets, averaged over targets and both latency targets.
+    """
+    fs = fitter.fs
+    ids = fs.config_ids
+    n_t, n_b, _ = split_sizes(len(ids))
+    out = []
+    for trial in range(trials):
+        order = [ids[i] for i in np.random.default_rng(seed + trial).permutation(len(ids))]
+        targets, base, pool = order[:n_t], order[n_t:n_t + n_b], order[n_t + n_b:]
+        picks = rank_donors([fs.configs[c] for c in base], [fs.configs[c] for c in pool], len(pool))
+        pool = [p.config.config_id for p in picks]
+        sets = {"base": base, **{c: base + [c] for c in pool}}
+        log(f"[donors] trial {trial + 1}/{trials}: {len(targets)} targets, base {len(base)}, pool {len(pool)}")
+        docs = fitter.fit_many([FitRequest(tuple(fs.shards_of(s)), "rece") for s in sets.values()],
+                               f"donor trial {trial + 1}")
+        unseen = tuple(fs.shards_of(targets))
+        jobs = [PredictJob(doc, unseen, True, fitter.settings.top_k, fitter.settings.temperature,
+                           ("donors", str(trial), name, "unseen")) for name, doc in zip(sets, docs)]
+        agg = aggregate(predict_cells(fs, jobs, f"donor trial {trial + 1} predictions"), fitter.settings.quantiles,
+                        ("method", "target"))
+        scores = agg.group_by("method").agg(
+            pl.col("rel_pinball_macro").mean().alias("criterion"),
+            *[pl.col(m).filter(pl.col("target") == t).first().alias(f"{m}_{t}")
+              for m in ("mape_p50", "interval_coverage") for t in TARGETS],
+        ).rename({"method": "candidate"})
+        out.append(DonorTrial(targets, base, pool, scores))
+    return DonorExperiment(out)
+
+
+def picks_table(picks: Sequence[DonorPick]) -> list[list[str]]:
+    rows = [["rank", "candidate", "config_id", "coverage score", "nearest stored configuration", "distance"]]
+    rows += [[str(p.rank), p.config.label, p.config.config_id, f"{p.score:.3f}", p.nearest_stored,
+              f"{p.nearest_distance:.3f}"] for p in picks]
+    return rows
+
+
+def describe(exp: DonorExperiment, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Per trial, what was held out and picked, in words (for the report)."""
+    return [{"trial": i + 1, "targets": [labels[c] for c in t.targets], "base": [labels[c] for c in t.base],
+             "ranking": [labels[c] for c in t.pool]} for i, t in enumerate(exp.trials)]

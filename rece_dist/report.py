@@ -1,0 +1,384 @@
+"""The evaluation report: one folder with ``index.html`` and the PNGs it shows (matplotlib, Agg).
+
+Every number on the page comes from an ``evaluate.Evaluation``; the page only lays it out.
+Plots: calibration per quantile (nominal vs observed one-sided coverage), error by
+configuration and by GPU / model on unseen configurations, the configurations in 2-D (PCA of
+the artifact's embedding) coloured by specialist, predicted intervals against observed
+latencies for a sample of unseen rows, the sensitivity sweep, embedding vs behaviour distance,
+and the donor experiment.
+"""
+
+from __future__ import annotations
+
+import html
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from .ensemble import RECEModel  # noqa: E402
+from .evaluate import (PROTOCOL_TITLES, SPLITS, Evaluation, Method, baseline_rows, fmt,  # noqa: E402
+                       sweep_text)
+from .pipeline import TARGETS  # noqa: E402
+
+DPI = 110
+
+
+def _colors(meths: Sequence[Method]) -> dict[str, Any]:
+    cmap = plt.get_cmap("tab10")
+    return {m.key: cmap(i) for i, m in enumerate(meths)}
+
+
+def _save(fig: plt.Figure, out: Path, name: str) -> str:
+    fig.savefig(out / name, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def _main_protocol(ev: Evaluation) -> str:
+    return "loco" if "loco" in ev.runs else next(iter(ev.runs))
+
+
+# --- plots -------------------------------------------------------------------------------------
+
+def plot_calibration(ev: Evaluation, protocol: str, out: Path) -> str:
+    """Nominal quantile vs observed share of rows at or below it; the diagonal is perfect."""
+    qs = ev.settings.quantiles
+    colors = _colors(ev.methods)
+    fig, axes = plt.subplots(1, len(TARGETS), figsize=(11, 4.4), sharey=True)
+    for ax, t in zip(axes, TARGETS):
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, zorder=0)
+        for m in ev.methods:
+            for split, style in zip(SPLITS, ("--", "-")):
+                r = ev.scores.filter((pl.col("protocol") == protocol) & (pl.col("method") == m.key)
+                                     & (pl.col("split") == split) & (pl.col("target") == t))
+                if r.height:
+                    ax.plot(qs, [r[f"coverage_{q:g}"][0] for q in qs], style, marker="o", ms=4, color=colors[m.key],
+                            label=f"{m.title} ({split})")
+        ax.set(title=f"{t}: {protocol}", xlabel="nominal quantile", xlim=(0, 1), ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("observed share of rows <= predicted quantile")
+    axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return _save(fig, out, f"calibration_{protocol}.png")
+
+
+def _grouped_bars(ax: plt.Axes, table: pl.DataFrame, key: str, labels: dict[str, str], metric: str,
+                  meths: Sequence[Method], colors: dict[str, Any]) -> None:
+    groups = sorted(table[key].unique().to_list(), key=lambda g: labels.get(g, g))
+    shown = [m for m in meths if table.filter(pl.col("method") == m.key).height]
+    width = 0.8 / max(1, len(shown))
+    x = np.arange(len(groups))
+    for i, m in enumerate(shown):
+        sub = {r[key]: r[metric] for r in table.filter(pl.col("method") == m.key).iter_rows(named=True)}
+        ax.bar(x + (i - (len(shown) - 1) / 2) * width, [sub.get(g, np.nan) for g in groups], width,
+               color=colors[m.key], label=m.title)
+    ax.set_xticks(x, [labels.get(g, g) for g in groups], rotation=35, ha="right", fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_errors(ev: Evaluation, table: pl.DataFrame, key: str, protocol: str, out: Path, name: str) -> str | None:
+    """Unseen P50 error and P10-P90 coverage per group (configuration, GPU or model)."""
+    sub = table.filter((pl.col("protocol") == protocol) & (pl.col("split") == "unseen"))
+    if not sub.height:
+        return None
+    labels = {c: cfg.label.split("/mbt")[0] for c, cfg in ev.configs.items()} if key == "config_id" else {}
+    colors = _colors(ev.methods)
+    lo, hi = ev.settings.quantiles[0], ev.settings.quantiles[-1]
+    n = sub[key].n_unique()
+    fig, axes = plt.subplots(2, 2, figsize=(max(10, 1.1 * n + 4), 8))
+    for row, t in enumerate(TARGETS):
+        st = sub.filter(pl.col("target") == t)
+        _grouped_bars(axes[row, 0], st, key, labels, "mape_p50", ev.methods, colors)
+        axes[row, 0].set(ylabel="median |P50 - y| / y", title=f"{t}: P50 error on unseen rows ({protocol})")
+        _grouped_bars(axes[row, 1], st, key, labels, "interval_coverage", ev.methods, colors)
+        axes[row, 1].axhline(hi - lo, color="k", lw=1, ls=":")
+        axes[row, 1].set(ylabel=f"P{lo * 100:g}-P{hi * 100:g} coverage", ylim=(0, 1),
+                         title=f"{t}: interval coverage (dotted: nominal {hi - lo:.0%})")
+    axes[0, 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    return _save(fig, out, name)
+
+
+def plot_embedding(ev: Evaluation, out: Path) -> str:
+    """Store configurations in the artifact's embedding, first two principal components."""
+    model = RECEModel(ev.artifact)
+    ids = sorted(ev.configs)
+    E = np.vstack([model.embed(ev.configs[c]) for c in ids])
+    mean = E.mean(axis=0)
+    _, s, Vt = np.linalg.svd(E - mean, full_matrices=False)
+    P = (E - mean) @ Vt[:2].T
+    C = (model.centroids - mean) @ Vt[:2].T
+    share = (s[:2] ** 2 / max((s ** 2).sum(), 1e-12))
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    cmap = plt.get_cmap("tab10")
+    for i, c in enumerate(ids):
+        spec = model.members.get(c)
+        if spec is None:
+            ax.scatter(*P[i], marker="x", color="0.4", s=50)
+        else:
+            ax.scatter(*P[i], color=cmap(spec % 10), s=60, edgecolor="k", lw=0.5)
+        ax.annotate(ev.configs[c].label.split("/mbt")[0], P[i], fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+    for j, cen in enumerate(C):
+        ax.scatter(*cen, marker="*", s=260, color=cmap(j % 10), edgecolor="k", lw=0.8, label=f"specialist {j} centroid")
+    ax.scatter([], [], marker="x", color="0.4", label="not in the artifact")
+    ax.set(xlabel=f"PC1 ({share[0]:.0%} of variance)", ylabel=f"PC2 ({share[1]:.0%})" if len(share) > 1 else "PC2",
+           title="configurations in the artifact's embedding, coloured by specialist")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, "embedding_pca.png")
+
+
+def plot_intervals(ev: Evaluation, out: Path, target: str = "beta", panels: int = 4) -> str | None:
+    """Unseen rows of a few configurations: RECE's P10-P90 band and P50, observed values, donor P50."""
+    samples = [s for s in ev.samples if s.target == target and "rece_dense" in s.values][:panels]
+    if not samples:
+        return None
+    lo_q, hi_q = ev.settings.quantiles[0], ev.settings.quantiles[-1]
+    j50 = ev.settings.quantiles.index(0.5) if 0.5 in ev.settings.quantiles else len(ev.settings.quantiles) // 2
+    cols = 2 if len(samples) > 1 else 1
+    rows = (len(samples) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.9 * rows), squeeze=False)
+    for ax, s in zip(axes.flat, samples):
+        v = s.values["rece_dense"]
+        order = np.argsort(v[:, j50])
+        x = np.arange(len(order))
+        inside = np.mean((s.y >= v[:, 0]) & (s.y <= v[:, -1]))
+        ax.fill_between(x, v[order, 0], v[order, -1], color="tab:blue", alpha=0.25,
+                        label=f"RECE P{lo_q * 100:g}-P{hi_q * 100:g}")
+        ax.plot(x, v[order, j50], color="tab:blue", lw=1.2, label="RECE P50")
+        if "donor" in s.values:
+            ax.plot(x, s.values["donor"][order, j50], color="tab:red", lw=1, ls="--", label="nearest donor P50")
+        ax.scatter(x, s.y[order], s=6, color="k", label="observed", zorder=3)
+        ax.set(title=f"{ev.configs[s.config_id].label.split('/mbt')[0]} ({s.protocol}, unseen)\n"
+                     f"{inside:.0%} of these rows inside the band", xlabel="rows sorted by RECE P50",
+               ylabel=f"{target} (us)")
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(samples):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, out, f"intervals_{target}.png")
+
+
+def plot_sensitivity(ev: Evaluation, out: Path) -> str | None:
+    """Unseen relative pinball against temperature, one line per (K, top-k)."""
+    if ev.sweep is None:
+        return None
+    g = ev.sweep.grid.filter(pl.col("target") == TARGETS[0])
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for (K, top_k), sub in sorted(g.group_by(["K", "top_k"]), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        sub = sub.sort("temperature")
+        ax.plot(sub["temperature"], sub["criterion"], marker="o", ms=3,
+                ls="-" if top_k == "dense" else "--", label=f"K={K}, top-k {top_k}")
+    c = ev.sweep.chosen
+    ax.scatter([c["temperature"]], [c["criterion"]], s=150, facecolor="none", edgecolor="k", lw=1.5, zorder=5,
+               label="chosen")
+    ax.set(xscale="log", xlabel="temperature", ylabel="relative pinball, unseen (mean of alpha, beta)",
+           title=f"sensitivity ({ev.sweep.folds}-fold grouped CV over configurations)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, out, "sensitivity.png")
+
+
+def plot_embedding_check(ev: Evaluation, out: Path) -> str | None:
+    """Embedding cosine distance against latency-behaviour distance, per config pair."""
+    chk = ev.embedding
+    if chk is None:
+        return None
+    fig, axes = plt.subplots(1, len(TARGETS), figsize=(11, 4.2))
+    for ax, t in zip(axes, TARGETS):
+        sp = chk.spearman[t]
+        ax.scatter(chk.emb_distance, chk.behaviour_distance[t], s=14, alpha=0.7)
+        ax.set(xlabel="embedding distance (1 - cosine)", ylabel="behaviour distance (RMS log P50 ratio)",
+               title=f"{t}: Spearman {sp['cosine']:.2f} (Mantel p {sp['p_cosine']:.3f})")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out, "embedding_validation.png")
+
+
+def plot_donors(ev: Evaluation, out: Path) -> str | None:
+    """Per trial: unseen error after adding each pool candidate, in ranking order (top donor first)."""
+    exp = ev.donors
+    if exp is None:
+        return None
+    fig, axes = plt.subplots(1, len(exp.trials), figsize=(4.2 * len(exp.trials), 4.2), squeeze=False, sharey=True)
+    for i, (ax, t) in enumerate(zip(axes[0], exp.trials)):
+        vals = [t.criterion(c) for c in t.pool]
+        ax.bar(range(len(vals)), vals, color=["tab:green"] + ["tab:gray"] * (len(vals) - 1))
+        ax.axhline(t.random_mean, color="k", ls="--", lw=1, label="random candidate (mean)")
+        ax.axhline(t.criterion("base"), color="tab:red", ls=":", lw=1.2, label="base only")
+        ax.set_xticks(range(len(vals)), [ev.configs[c].label.split("/mbt")[0] for c in t.pool], rotation=40,
+                      ha="right", fontsize=6.5)
+        ax.set_title(f"trial {i + 1}: {len(t.targets)} targets, base {len(t.base)}", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_ylabel("unseen relative pinball on the targets")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("adding one candidate's data (green: top-ranked donor)", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out, "donors.png")
+
+
+# --- HTML --------------------------------------------------------------------------------------
+
+def _table(rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+    head, body = rows[0], rows[1:]
+    th = "".join(f"<th>{html.escape(str(c))}</th>" for c in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body)
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return f"<table>{cap}<thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _frame_rows(df: pl.DataFrame, pct: Sequence[str] = (), digits: int = 4) -> list[list[str]]:
+    rows: list[list[str]] = [list(df.columns)]
+    for r in df.iter_rows():
+        rows.append([fmt(v, "pct") if c in pct else (f"{v:.{digits}g}" if isinstance(v, float) else str(v))
+                     for c, v in zip(df.columns, r)])
+    return rows
+
+
+def _img(name: str | None, alt: str) -> str:
+    return f'<figure><img src="{html.escape(name)}" alt="{html.escape(alt)}"></figure>' if name else ""
+
+
+def _calibration_rows(ev: Evaluation, protocol: str) -> list[list[str]]:
+    qs = ev.settings.quantiles
+    rows = [["method", "split", "target"] + [f"P{q * 100:g} coverage (nominal {q:.0%})" for q in qs]]
+    for m in ev.methods:
+        for split in SPLITS:
+            for t in TARGETS:
+                r = ev.scores.filter((pl.col("protocol") == protocol) & (pl.col("method") == m.key)
+                                     & (pl.col("split") == split) & (pl.col("target") == t))
+                if r.height:
+                    rows.append([m.title, split, t] + [fmt(r[f"coverage_{q:g}"][0], "pct") for q in qs])
+    return rows
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1250px;color:#222;line-height:1.4}
+h1{font-size:22px} h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:3px;margin-top:32px}
+h3{font-size:15px} table{border-collapse:collapse;margin:8px 0 16px;font-size:12.5px}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right} td:first-child,th:first-child{text-align:left}
+th{background:#f1f3f5} caption{caption-side:top;text-align:left;font-weight:600;padding:4px 0}
+figure{margin:8px 0} img{max-width:100%;border:1px solid #eee} .note{color:#555;font-size:13px}
+pre{background:#f6f8fa;padding:8px;font-size:12px;overflow-x:auto}
+"""
+
+
+def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
+    main = _main_protocol(ev)
+    doc = ev.artifact
+    tr = doc.get("training", {})
+    s = ev.settings
+    parts = [f"<h1>RECE evaluation</h1><p class='note'>store <code>{html.escape(ev.store_uri)}</code>: "
+             f"{len(ev.configs)} configurations; artifact with {len(doc['specialists'])} specialists, trained on "
+             f"{tr.get('configurations', '?')} configurations, dates {'..'.join(tr.get('date_window', []))}. "
+             f"Folds re-fit with the artifact's settings (K={s.specialists}, {s.clustering}, temperature "
+             f"{s.temperature:g}, quantiles {', '.join(f'{q:g}' for q in s.quantiles)}). "
+             f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {ev.seconds:.0f} s.</p>"]
+    parts.append("<h2>Baselines, side by side</h2><p class='note'><b>seen</b>: held-out slice of the training "
+                 "configurations; <b>unseen</b>: every row of the held-out configurations (or dates). Metrics pool "
+                 "the rows of all folds; <i>rel pinball</i> is pinball / mean |y| averaged over configurations "
+                 "(scale-free); width is the median P10-P90 width in microseconds. Per-configuration models need a "
+                 "configuration's own data, so they have no unseen numbers when configurations are held out; the "
+                 "nearest donor is only defined for configurations without data.</p>")
+    for p, run in ev.runs.items():
+        parts.append(f"<h3>{p}: {html.escape(PROTOCOL_TITLES[p])} ({len(run.folds)} folds)</h3>")
+        for t in TARGETS:
+            parts.append(_table(baseline_rows(ev.scores, ev.methods, p, t), f"{p}, {t}"))
+    parts.append("<h2>The published artifact on this store</h2><p class='note'>The artifact itself, with its own "
+                 "mixing, on the held-out slice of every shard of the store (configurations it trained on are seen).</p>")
+    parts.append(_table(_frame_rows(ev.published.select(["target", "rows", "interval_coverage", "mape_p50",
+                                                          "rel_pinball", "interval_width"]),
+                                    pct=("interval_coverage", "mape_p50"))))
+    parts.append(f"<h2>Calibration ({main})</h2><p class='note'>For each quantile, the share of rows at or below "
+                 "the prediction; a calibrated model sits on the diagonal. Dashed: seen, solid: unseen.</p>")
+    parts.append(_img(images.get("calibration"), "calibration"))
+    parts.append(_table(_calibration_rows(ev, main)))
+    parts.append(f"<h2>Error by configuration ({main}, unseen)</h2>" + _img(images.get("by_config"), "by configuration"))
+    parts.append(f"<h2>Error by GPU and by model ({main}, unseen)</h2>"
+                 + _img(images.get("by_gpu"), "by GPU") + _img(images.get("by_model"), "by model"))
+    parts.append("<h2>Predicted intervals against observed latencies</h2><p class='note'>A random sample of unseen "
+                 f"rows of a few configurations ({main}): RECE (dense) band and median, the nearest donor's median, "
+                 "and what was observed.</p>" + _img(images.get("intervals_beta"), "intervals beta")
+                 + _img(images.get("intervals_alpha"), "intervals alpha"))
+    parts.append("<h2>Configuration embedding</h2>" + _img(images.get("embedding"), "embedding PCA"))
+    clus = doc.get("clustering", {})
+    sizes = ", ".join(f"specialist {sp['id']}: {len(sp['members'])}" for sp in doc["specialists"])
+    parts.append(f"<p class='note'>Artifact clustering: {html.escape(str(clus.get('method')))}, K={clus.get('k')}, "
+                 f"cosine silhouette {fmt(clus.get('silhouette'), 'num')}; sizes {html.escape(sizes)}.</p>")
+    if ev.embedding is not None:
+        chk = ev.embedding
+        rows = [["target", "Spearman (cosine distance)", "Mantel p", "Spearman (Euclidean distance)"]]
+        rows += [[t, fmt(chk.spearman[t]["cosine"], "num"), fmt(chk.spearman[t]["p_cosine"], "num"),
+                  fmt(chk.spearman[t]["euclidean"], "num")] for t in TARGETS]
+        parts.append("<h3>Does embedding distance track latency behaviour?</h3><p class='note'>Behaviour of a "
+                     "configuration: its own P50 model (fitted on its data alone) evaluated on a shared grid of batch "
+                     "compositions (beta) and arrivals (alpha); behaviour distance between two configurations is the "
+                     f"RMS log ratio of those predictions. {len(chk.config_ids)} configurations, "
+                     f"{len(chk.emb_distance)} pairs; the Mantel p-value permutes configurations.</p>")
+        parts.append(_table(rows) + _img(images.get("embedding_check"), "embedding validation"))
+        parts.append("<h3>Cluster quality by K</h3><p class='note'>Silhouette of the embedding clusters (cosine), "
+                     "and of the same labels on the behaviour vectors: high behaviour silhouette means specialists "
+                     "group configurations that behave alike.</p>" + _table(_frame_rows(chk.clusters)))
+    if ev.sweep is not None:
+        parts.append("<h2>Sensitivity to temperature, K and top-k</h2>" + _img(images.get("sensitivity"), "sensitivity"))
+        parts.append(f"<pre>{html.escape(sweep_text(ev.sweep))}</pre>")
+    if ev.donors is not None:
+        from .donors import describe
+
+        parts.append("<h2>Donor selection: does the top-ranked candidate help more than a random one?</h2>"
+                     "<p class='note'>Per trial, some configurations are held out as targets, a few form the base set "
+                     "and the rest are candidates. The candidates are ranked by greedy max-min coverage of the base "
+                     "set's embedding; RECE is fitted on base + each candidate in turn and scored on the targets "
+                     "(all rows). 'random candidate' is the exact mean over the pool.</p>")
+        parts.append(_img(images.get("donors"), "donor experiment"))
+        parts.append(_table(_frame_rows(ev.donors.summary()), "unseen relative pinball on the targets"))
+        parts.append(f"<p><b>{html.escape(ev.donors.verdict())}</b></p>")
+        labels = {c: cfg.label.split("/mbt")[0] for c, cfg in ev.configs.items()}
+        trials = [["trial", "targets", "base", "candidates, ranked"]]
+        trials += [[d["trial"], "; ".join(d["targets"]), "; ".join(d["base"]), "; ".join(d["ranking"])]
+                   for d in describe(ev.donors, labels)]
+        parts.append(_table(trials))
+    if ev.drift is not None:
+        d = ev.drift
+        parts.append(f"<h2>Drift against the previous version</h2><p><b>{html.escape(d.reason)}</b></p>")
+        parts.append(_table(_frame_rows(d.metrics)))
+        if d.coefficients.height:
+            parts.append(_table(_frame_rows(d.coefficients), "coefficient changes per matched specialist"))
+        moved = [["configuration", "old specialist", "new specialist"]] + [
+            [m["label"], m["old_specialist"], m["new_specialist"]] for m in d.moved]
+        parts.append(_table(moved, "configurations that moved specialist") if d.moved
+                     else "<p class='note'>No configuration moved specialist.</p>")
+    if ev.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in ev.notes) + "</ul>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>RECE evaluation</title><style>{CSS}</style>"
+            f"</head><body>{''.join(parts)}</body></html>")
+
+
+def write_report(ev: Evaluation, out_dir: str) -> Path:
+    """Write ``out_dir/index.html`` and its PNGs; returns the HTML path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    main = _main_protocol(ev)
+    images = {
+        "calibration": plot_calibration(ev, main, out),
+        "by_config": plot_errors(ev, ev.by_config, "config_id", main, out, "errors_by_config.png"),
+        "by_gpu": plot_errors(ev, ev.by_gpu, "gpu", main, out, "errors_by_gpu.png"),
+        "by_model": plot_errors(ev, ev.by_model, "model", main, out, "errors_by_model.png"),
+        "intervals_beta": plot_intervals(ev, out, "beta"),
+        "intervals_alpha": plot_intervals(ev, out, "alpha"),
+        "embedding": plot_embedding(ev, out),
+        "embedding_check": plot_embedding_check(ev, out),
+        "sensitivity": plot_sensitivity(ev, out),
+        "donors": plot_donors(ev, out),
+    }
+    path = out / "index.html"
+    path.write_text(render_html(ev, images))
+    return path

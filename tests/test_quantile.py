@@ -1,0 +1,265 @@
+"""Exact quantile regression: independent references (scikit-learn, a direct cvxpy primal),
+reduced vs full solves, distributed vs single-process, non-crossing, duplicates, errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import cvxpy as cp
+import numpy as np
+import pytest
+
+from rece_dist.errors import SolverError
+from rece_dist.quantile import (
+    QuantileInputError,
+    ReduceOptions,
+    fit_quantile,
+    fit_quantile_sharded,
+    fit_quantiles,
+    pinball_loss,
+    resolve_crossings,
+)
+
+
+def heavy_tailed(n, p=21, seed=0):
+    """Bias column + lognormal features; Student-t(3) noise whose scale grows with x1, x2."""
+    rng = np.random.default_rng(seed)
+    X = np.empty((n, p))
+    X[:, 0] = 1.0
+    X[:, 1:] = rng.lognormal(0.0, 0.5, size=(n, p - 1))
+    beta = rng.uniform(0.5, 2.0, size=p)
+    scale = 0.5 + 0.3 * X[:, 1] + 0.2 * X[:, 2]
+    y = X @ beta + scale * rng.standard_t(3, size=n)
+    return X, y
+
+
+def objective(X, y, coef, tau, w=None, l1=0.0, pen=None):
+    """The documented objective, computed here independently of the module."""
+    w = np.ones(len(y)) if w is None else w
+    r = y - X @ coef
+    loss = np.sum(w * np.maximum(tau * r, (tau - 1) * r)) / np.sum(w)
+    pen = np.ones(X.shape[1], dtype=bool) if pen is None else pen
+    return loss + l1 * np.sum(np.abs(coef[pen]))
+
+
+def rel(a, b):
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+# --------------------------------------------------------------------------- vs scikit-learn
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("l1", [0.0, 0.02])
+def test_matches_sklearn(tau, weighted, l1):
+    from sklearn.linear_model import QuantileRegressor
+
+    X, y = heavy_tailed(400, p=8, seed=int(tau * 10) + 3 * weighted)
+    w = np.random.default_rng(5).uniform(0.2, 3.0, size=len(y)) if weighted else None
+    pen = np.array([False] + [True] * (X.shape[1] - 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sk = QuantileRegressor(quantile=tau, alpha=l1, fit_intercept=True, solver="highs")
+        sk.fit(X[:, 1:], y, sample_weight=w)
+    sk_coef = np.r_[sk.intercept_, sk.coef_]
+    fit = fit_quantile(X, y, tau, weights=w, l1=l1, penalize=pen)
+    ours = objective(X, y, fit.coef, tau, w, l1, pen)
+    theirs = objective(X, y, sk_coef, tau, w, l1, pen)
+    assert fit.status == "optimal"
+    assert rel(fit.objective, ours) < 1e-12          # the reported objective is the objective
+    assert rel(ours, theirs) <= 1e-6
+    assert ours <= theirs * (1 + 1e-9)               # never worse than the reference
+    if l1 > 0:  # default mask: every non-constant column penalised == explicit mask here
+        dflt = fit_quantile(X, y, tau, weights=w, l1=l1)
+        assert rel(dflt.objective, fit.objective) < 1e-9
+
+
+def test_clarabel_alternative_agrees():
+    X, y = heavy_tailed(1500, p=6, seed=11)
+    a = fit_quantile(X, y, 0.7, solver="HIGHS")
+    b = fit_quantile(X, y, 0.7, solver="CLARABEL")
+    assert b.solver == "CLARABEL" and b.status == "optimal"
+    assert rel(a.objective, b.objective) < 1e-8
+
+
+def test_pinball_loss():
+    y = np.array([1.0, 2.0, 3.0])
+    pred = np.array([2.0, 2.0, 2.0])
+    assert pinball_loss(y, pred, 0.9) == pytest.approx((0.1 * 1 + 0 + 0.9 * 1) / 3)
+    assert pinball_loss(y, pred, 0.9, weights=[0, 1, 1]) == pytest.approx(0.9 / 2)
+
+
+# --------------------------------------------------------------------------- reduced vs full
+
+
+@pytest.fixture(scope="module")
+def medium():
+    X, y = heavy_tailed(20_000, seed=1)
+    full = fit_quantile(X, y, 0.9, reduce="never")
+    return X, y, full
+
+
+def test_reduced_equals_full(medium):
+    X, y, full = medium
+    red = fit_quantile(X, y, 0.9, reduce="always")
+    assert full.n_solved_rows == 20_000 and full.rounds == 0
+    assert red.n_solved_rows < 20_000 / 2 and red.rounds >= 1
+    assert rel(red.objective, full.objective) <= 1e-9
+    assert rel(objective(X, y, red.coef, 0.9), full.objective) <= 1e-9
+    np.testing.assert_allclose(red.coef, full.coef, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("order", ["y", "residual"])
+def test_adversarial_row_order(medium, order):
+    X, y, full = medium
+    key = y if order == "y" else y - X @ full.coef
+    idx = np.argsort(key)
+    fit = fit_quantile(X[idx], y[idx], 0.9, reduce="always", seed=3)
+    assert rel(fit.objective, full.objective) <= 1e-9
+    np.testing.assert_allclose(fit.coef, full.coef, rtol=1e-7, atol=1e-9)
+
+
+def test_wrong_first_globs_force_fixups(medium):
+    """A tiny first subset and a band far too narrow: globbed signs are wrong, fix-up rounds and
+    band doublings follow, and the answer is still the exact optimum."""
+    X, y, full = medium
+    opts = ReduceOptions(first_stage_rows=300, growth=100.0, z_inner=0.05, z_outer=0.08,
+                         min_free=30)
+    fit = fit_quantile(X, y, 0.9, reduce=opts)
+    assert fit.rounds >= 2
+    assert rel(fit.objective, full.objective) <= 1e-9
+    np.testing.assert_allclose(fit.coef, full.coef, rtol=1e-7, atol=1e-9)
+
+
+def test_weighted_l1_reduced_equals_full():
+    X, y = heavy_tailed(25_000, p=10, seed=4)
+    w = np.random.default_rng(2).exponential(1.0, size=len(y))
+    w[::7] = 0.0  # zero-weight rows are legal and do not count
+    full = fit_quantile(X, y, 0.25, weights=w, l1=1e-3, reduce="never")
+    red = fit_quantile(X, y, 0.25, weights=w, l1=1e-3, reduce="always")
+    assert rel(red.objective, full.objective) <= 1e-9
+    assert rel(objective(X, y, red.coef, 0.25, w, 1e-3, np.r_[False, [True] * 9]),
+               full.objective) <= 1e-9
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def test_sharded_equals_single_process(ray_local):
+    ray = ray_local
+    X, y = heavy_tailed(30_000, p=12, seed=7)
+    w = np.random.default_rng(8).uniform(0.5, 2.0, size=len(y))
+    single = fit_quantile(X, y, 0.8, weights=w, reduce="never")
+    cuts = [0, 4_000, 15_000, 30_000]
+    shards = [ray.put((X[a:b], y[a:b], w[a:b])) for a, b in zip(cuts, cuts[1:])]
+    dist = fit_quantile_sharded(shards, 0.8, reduce=ReduceOptions(first_stage_rows=1500))
+    assert dist.n_rows == 30_000 and dist.stages >= 1
+    assert dist.n_solved_rows < 30_000 / 2
+    assert rel(dist.objective, single.objective) <= 1e-9
+    assert rel(objective(X, y, dist.coef, 0.8, w), single.objective) <= 1e-9
+
+
+def test_sharded_rejects_bad_shard(ray_local):
+    ray = ray_local
+    X, y = heavy_tailed(500, p=4, seed=9)
+    y = y.copy()
+    y[3] = np.nan
+    with pytest.raises(ray.exceptions.RayTaskError, match="NaN"):
+        fit_quantile_sharded([ray.put((X, y, np.ones(500)))], 0.5)
+
+
+# --------------------------------------------------------------------------- non-crossing
+
+
+def joint_reference(X, y, taus):
+    """Joint non-crossing problem with ordering at every row, primal form, solved directly."""
+    K = len(taus)
+    B = cp.Variable((X.shape[1], K))
+    R = y[:, None] - X @ B
+    obj = sum(taus[k] * cp.sum(cp.pos(R[:, k])) + (1 - taus[k]) * cp.sum(cp.neg(R[:, k]))
+              for k in range(K))
+    cons = [X @ B[:, k] <= X @ B[:, k + 1] for k in range(K - 1)]
+    prob = cp.Problem(cp.Minimize(obj / len(y)), cons)
+    prob.solve(solver="CLARABEL")
+    assert prob.status == "optimal"
+    return prob.value
+
+
+def test_noncrossing_removes_every_crossing():
+    rng = np.random.default_rng(3)
+    n, p = 60, 25  # few rows, many features, close taus: independent fits cross
+    X = np.c_[np.ones(n), rng.normal(size=(n, p - 1))]
+    y = X[:, 1] + rng.standard_t(2, size=n)
+    taus = [0.45, 0.5, 0.55]
+    indep, rep0 = fit_quantiles(X, y, taus)
+    fits, rep = fit_quantiles(X, y, taus, noncrossing=True)
+    assert rep0.crossings_before > 0 and rep.before == rep0.before
+    assert rep.after == (0, 0) and rep.rounds >= 1 and rep.constraints > 0
+    P = X @ np.column_stack([f.coef for f in fits])
+    assert np.all(P[:, 0] <= P[:, 1] + 1e-9) and np.all(P[:, 1] <= P[:, 2] + 1e-9)
+    for a, b in zip(indep, fits):
+        assert b.tau == a.tau
+        assert b.objective >= a.objective - 1e-12   # constrained is no better than free
+        assert rel(objective(X, y, b.coef, b.tau), b.objective) < 1e-12
+    # the cutting plane reaches the optimum of ordering at *every* row
+    assert rel(sum(f.objective for f in fits), joint_reference(X, y, taus)) < 1e-6
+
+
+def test_resolve_crossings_large_globbed():
+    X, y = heavy_tailed(12_000, p=21, seed=5)
+    taus = [0.5, 0.502, 0.504]
+    fits = [fit_quantile(X, y, t) for t in taus]
+    new, rep = resolve_crossings(X, y, fits[::-1])   # any order in, same order out
+    assert [f.tau for f in new] == taus[::-1]
+    assert rep.crossings_before > 0 and rep.crossings_after == 0
+    assert new[0].n_solved_rows < 12_000
+    for a, b in zip(fits[::-1], new):
+        assert b.objective >= a.objective - 1e-12
+
+
+# --------------------------------------------------------------------------- duplicates
+
+
+def test_duplicates_merged_same_objective():
+    rng = np.random.default_rng(12)
+    Xu = np.c_[np.ones(300), rng.integers(0, 5, size=(300, 3)).astype(float)]
+    yu = Xu @ [1.0, 0.5, -0.2, 0.3] + rng.integers(-3, 4, size=300)
+    reps = rng.integers(1, 5, size=300)
+    X = np.repeat(Xu, reps, axis=0)
+    y = np.repeat(yu, reps)
+    perm = rng.permutation(len(y))
+    merged = fit_quantile(X[perm], y[perm], 0.3)
+    weighted = fit_quantile(Xu, yu, 0.3, weights=reps.astype(float))
+    assert merged.n_solved_rows < len(y)
+    assert rel(merged.objective, weighted.objective) < 1e-12
+    assert rel(objective(X, y, merged.coef, 0.3), objective(X, y, weighted.coef, 0.3)) < 1e-12
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_input_errors():
+    X, y = heavy_tailed(50, p=3)
+    bad = y.copy()
+    bad[7] = np.nan
+    with pytest.raises(ValueError, match="y contains 1 NaN"):
+        fit_quantile(X, bad, 0.5)
+    with pytest.raises(ValueError, match=r"strictly inside \(0, 1\)"):
+        fit_quantile(X, y, 1.0)
+    w = np.ones(50)
+    w[2] = -1
+    with pytest.raises(ValueError, match="negative"):
+        fit_quantile(X, y, 0.5, weights=w)
+    with pytest.raises(QuantileInputError, match="50 rows but y has 49"):
+        fit_quantile(X, y[:-1], 0.5)
+    Xn = X.copy()
+    Xn[0, 1] = np.inf
+    with pytest.raises(QuantileInputError, match="X contains NaN or infinite"):
+        fit_quantile(Xn, y, 0.5)
+
+
+def test_solver_error_names_tau_rows_and_solver():
+    X, y = heavy_tailed(200, p=3)
+    with pytest.raises(SolverError, match=r"tau=0\.37 on 200 rows: solver HIGHS .*user_limit"):
+        fit_quantile(X, y, 0.37, solver_options={"highs_options": {"time_limit": 0.0}})
