@@ -19,6 +19,40 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    if args.check_reference:
+        from .realism import check_reference
+
+        report = check_reference(args.check_reference, seed=args.seed)
+        print(report.table())
+        return 0 if report.all_passed else 1
+    if not args.out:
+        raise ReceError("synth needs --out STORE (or --check-reference RUNS_DIR)")
+    from .synth import generate_store
+
+    print(generate_store(args.out, args.configs, args.steps_per_config, args.seed, args.days, args.start_date).summary())
+    return 0
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _iso_date(s: str) -> str:
+    from datetime import date
+
+    try:
+        return date.fromisoformat(s).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected YYYY-MM-DD, got {s!r}") from None
+
+
 def _settings(args: argparse.Namespace):
     from .pipeline import TrainSettings
 
@@ -149,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check every table and configuration in a store")
     v.add_argument("store", help="local folder or s3://bucket/prefix")
     v.set_defaults(fn=_cmd_validate)
+
+    sy = sub.add_parser("synth", help="generate a store of realistic synthetic vLLM traces, or check the generator against real runs")
+    sy.add_argument("--out", help="store to write: local folder or s3://bucket/prefix")
+    sy.add_argument("--configs", type=_positive_int, default=12, help="number of configurations (default 12)")
+    sy.add_argument("--steps-per-config", type=_positive_int, default=20000, help="engine steps per configuration (default 20000)")
+    sy.add_argument("--seed", type=int, default=0, help="random seed; the same arguments give byte-identical files (default 0)")
+    sy.add_argument("--days", type=_positive_int, default=3, help="days (date partitions) to spread each configuration over (default 3)")
+    sy.add_argument("--start-date", type=_iso_date, default="2026-11-01", help="first day, YYYY-MM-DD (default 2026-11-01)")
+    sy.add_argument("--check-reference", metavar="RUNS_DIR",
+                    help="instead of writing a store, replay the reference runs in RUNS_DIR and compare TTFT/TPOT medians")
+    sy.set_defaults(fn=_cmd_synth)
 
     t = sub.add_parser("train", help="train a RECE artifact from a store and publish it")
     t.add_argument("--store", required=True, help="trace store: folder or s3://bucket/prefix")

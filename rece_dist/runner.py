@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import ray
 
 from .artifact import summary_table
 from .pipeline import TrainResult, TrainSettings, train
 from .progress import log
-from .publish import PublishedVersion, data_fingerprint, publish
+from .publish import ManifestMeta, PublishedVersion, data_fingerprint, publish
 from .store import Store
 
 
@@ -32,14 +30,14 @@ def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings,
     result = train(store_uri, settings)
     doc = result.artifact
     training = doc["training"]
-    meta: dict[str, Any] = {
-        "git_commit": training["git_commit"],
-        "settings": settings.to_dict(),
-        "data_fingerprint": data_fingerprint(Store(store_uri), result.partitions),
-        "date_window": training["date_window"],
-        "versions": training["versions"],
-        "metrics": doc["metrics"],
-    }
+    meta = ManifestMeta(
+        git_commit=training["git_commit"],
+        settings=settings.to_dict(),
+        data=data_fingerprint(Store(store_uri), result.partitions),
+        date_from=training["date_window"][0],
+        date_to=training["date_window"][1],
+        versions=training["versions"],
+    )
     version = publish(out_root, doc, meta)
     print(summary_table(doc))
     log(f"[train] published {version.version} -> {version.uri} ({result.seconds:.1f} s)")

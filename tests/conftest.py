@@ -111,3 +111,20 @@ def _moto_auth(endpoint: str, initial_no_auth_action_count: str) -> None:
     )
     with urllib.request.urlopen(req, timeout=5) as resp:
         resp.read()
+
+
+@pytest.fixture(scope="session")
+def truth_store(tmp_path_factory):
+    """(root, configurations) of the closed-form ground-truth store (see closed_form.py)."""
+    from closed_form import write_closed_form_store
+
+    root = str(tmp_path_factory.mktemp("truth") / "store")
+    return root, write_closed_form_store(root)
+
+
+@pytest.fixture(scope="session")
+def trained(truth_store, ray_local):
+    """The pipeline's TrainResult on the ground-truth store, two specialists."""
+    from rece_dist.pipeline import TrainSettings, train
+
+    return train(truth_store[0], TrainSettings(specialists=2, seed=0))

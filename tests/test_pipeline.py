@@ -1,9 +1,7 @@
 """The training job end to end on local Ray, against a store with a known ground truth.
 
-The store is written by hand (not by the generator): step durations and request overheads are
-linear in raw columns plus exponential noise, so the true conditional quantiles are known in
-closed form, q_tau(x) = m(x) - s * ln(1 - tau), and the fitted ensemble can be checked
-against them.
+See ``closed_form.py``: step durations and request overheads are linear in raw columns plus
+exponential noise, so the fitted ensemble is checked against the true conditional quantiles.
 """
 
 from __future__ import annotations
@@ -13,78 +11,13 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+from closed_form import REQ_NOISE, STEP_NOISE, truth_alpha, truth_beta, write_closed_form_store
 
 from rece_dist import artifact
-from rece_dist.config import Catalog, DeploymentConfig, ServingSettings
 from rece_dist.ensemble import RECEModel
 from rece_dist.errors import ReceError, SchemaError, StoreError
 from rece_dist.pipeline import TrainSettings, train
 from rece_dist.store import Store
-
-N_STEPS, N_REQ = 6000, 3000
-STEP_NOISE, REQ_NOISE = 200.0, 40.0
-
-
-def _truth_beta(cfg_index: int, P: np.ndarray, D: np.ndarray) -> np.ndarray:
-    return 4000.0 + 1500.0 * cfg_index + 3.0 * P + 20.0 * D
-
-
-def _truth_alpha(L: np.ndarray) -> np.ndarray:
-    return 300.0 + 0.2 * L
-
-
-def _configs() -> list[DeploymentConfig]:
-    cat = Catalog.default()
-    return [DeploymentConfig(cat.model("Llama-2-7b-hf"), cat.gpu(g), ServingSettings()) for g in ("H100-SXM", "L40S")]
-
-
-def _write_store(root: str, seed: int = 0) -> list[DeploymentConfig]:
-    rng = np.random.default_rng(seed)
-    store = Store(root)
-    store.init({"generator": "test ground truth"})
-    cfgs = _configs()
-    for k, cfg in enumerate(cfgs):
-        store.write_config(cfg)
-        for day in ("2026-11-01", "2026-11-02"):
-            P = rng.integers(0, 2048, N_STEPS)
-            D = rng.integers(0, 128, N_STEPS)
-            dur = _truth_beta(k, P, D) + rng.exponential(STEP_NOISE, N_STEPS)
-            start = np.cumsum(np.full(N_STEPS, 20_000_000)) + (0 if day.endswith("01") else 10**14)
-            steps = pl.DataFrame({
-                "step_id": np.arange(N_STEPS), "ts_start_ns": start, "ts_end_ns": start + (dur * 1000).astype(np.int64),
-                "duration_us": dur, "running_depth": rng.integers(0, 128, N_STEPS),
-                "waiting_depth": rng.integers(0, 20, N_STEPS), "num_prefill_reqs": (P > 0).astype(int),
-                "num_decode_reqs": D, "scheduled_tokens": P + D, "prefill_tokens": P, "decode_tokens": D,
-                "num_finished": np.zeros(N_STEPS, int), "num_preempted": np.zeros(N_STEPS, int),
-                "kv_usage_gpu_ratio": rng.uniform(0, 1, N_STEPS), "kv_blocks_total_gpu": np.full(N_STEPS, 7000),
-                "kv_blocks_free_gpu": np.full(N_STEPS, 3000), "kv_blocks_offloaded": np.zeros(N_STEPS, int),
-                "kv_blocks_restored": np.zeros(N_STEPS, int),
-            })
-            store.write_partition("steps", cfg.config_id, day, steps)
-            L = rng.integers(16, 4000, N_REQ)
-            arrival = np.sort(rng.integers(start[0], start[-1], N_REQ))
-            alpha_us = _truth_alpha(L) + rng.exponential(REQ_NOISE, N_REQ)
-            queued = arrival + (alpha_us * 1000).astype(np.int64)
-            reqs = pl.DataFrame({
-                "request_id": [f"{day}-{i}" for i in range(N_REQ)], "arrival_ns": arrival, "queued_ns": queued,
-                "scheduled_ns": queued + 1000, "first_token_ns": queued + 2000, "finished_ns": queued + 3000,
-                "departed_ns": queued + 4000, "prompt_tokens": L, "cached_prompt_tokens": np.zeros(N_REQ, int),
-                "output_tokens": np.full(N_REQ, 100), "num_preemptions": np.zeros(N_REQ, int),
-            })
-            store.write_partition("requests", cfg.config_id, day, reqs)
-    return cfgs
-
-
-@pytest.fixture(scope="module")
-def truth_store(tmp_path_factory) -> tuple[str, list[DeploymentConfig]]:
-    root = str(tmp_path_factory.mktemp("truth") / "store")
-    return root, _write_store(root)
-
-
-@pytest.fixture(scope="module")
-def trained(truth_store, ray_local):
-    root, _ = truth_store
-    return train(root, TrainSettings(specialists=2, seed=0))
 
 
 def test_recovers_known_quantiles(truth_store, trained):
@@ -98,12 +31,12 @@ def test_recovers_known_quantiles(truth_store, trained):
     for k, cfg in enumerate(cfgs):
         pred = model.predict("beta", rows, cfg)
         for j, tau in enumerate(pred.quantiles):
-            truth = _truth_beta(k, P, D) - STEP_NOISE * np.log(1 - tau)
+            truth = truth_beta(k, P, D) - STEP_NOISE * np.log(1 - tau)
             np.testing.assert_allclose(pred.values[:, j], truth, rtol=0.02)
     req = pl.DataFrame({"prompt_tokens": [100, 2000, 3900], "waiting_depth": [0, 5, 10],
                         "running_depth": [10, 50, 100], "kv_usage_gpu_ratio": [0.2, 0.5, 0.8]})
     pred = model.predict("alpha", req, cfgs[0])
-    truth = _truth_alpha(np.array([100, 2000, 3900]))[:, None] - REQ_NOISE * np.log(1 - np.array([0.1, 0.5, 0.9]))
+    truth = truth_alpha(np.array([100, 2000, 3900]))[:, None] - REQ_NOISE * np.log(1 - np.array([0.1, 0.5, 0.9]))
     np.testing.assert_allclose(pred.values, truth, rtol=0.05)
 
 
@@ -166,7 +99,7 @@ def test_empty_store_and_empty_window_are_clear_errors(tmp_path, truth_store, ra
 
 def test_nan_durations_name_the_file(tmp_path, ray_local):
     root = str(tmp_path / "bad")
-    cfgs = _write_store(root, seed=1)
+    cfgs = write_closed_form_store(root, seed=1)
     store = Store(root)
     part = store.partitions("steps", [cfgs[1].config_id], "2026-11-02", "2026-11-02")[0]
     df = pl.read_parquet(part.files[0]).with_columns(duration_us=pl.lit(float("nan")))
