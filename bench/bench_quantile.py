@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 TAU = 0.9
 P = 21
+BLAS_THREADS = 1
 
 
 def make_data(n: int, p: int = P, seed: int = 0):
@@ -135,6 +136,9 @@ def run_one(method: str, n: int, seed: int, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--n", str(n),
            "--seed", str(seed)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if BLAS_THREADS:
+        for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[k] = str(BLAS_THREADS)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
@@ -198,6 +202,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0, help="per-method cap, seconds")
     ap.add_argument("--sklearn-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--blas-threads", type=int, default=1,
+                    help="BLAS threads for every method (0: library default). 1 by default: on a "
+                         "shared 2-core machine oversubscribed OpenBLAS threads measure noise")
     ap.add_argument("--json", help="also write raw results here")
     ap.add_argument("--formulations", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -209,6 +216,8 @@ def main() -> None:
     if a.formulations:
         formulations()
         return
+    global BLAS_THREADS
+    BLAS_THREADS = a.blas_threads
     sizes = [int(float(s)) for s in a.sizes.split(",") if s]
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     caps = {"sklearn": a.sklearn_max, "statsmodels": a.statsmodels_max, "sharded": a.sharded_max}
@@ -228,7 +237,7 @@ def main() -> None:
         Path(a.json).write_text(json.dumps(results, indent=1))
     print(f"\nMachine: {os.cpu_count()} cores, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB RAM; "
-          f"p = {P}, tau = {TAU}; peak RSS includes the data (X is n*{P}*8 bytes)\n")
+          f"p = {P}, tau = {TAU}; BLAS threads per method: {BLAS_THREADS or 'default'}; peak RSS includes the data (X is n*{P}*8 bytes)\n")
     print("| n | method | wall s | peak RSS GiB | objective | rel. gap vs reference | LP rows (max) | x reference |")
     print("|---|---|---|---|---|---|---|---|")
     for n in sizes:

@@ -164,6 +164,26 @@ def split_sizes(n: int) -> tuple[int, int, int]:
     return targets, base, pool
 
 
+def distinct_splits(ids: Sequence[str], trials: int, seed: int) -> list[tuple[list[str], list[str], list[str]]]:
+    """``trials`` random (targets, base, pool) splits, no two with the same targets and base.
+
+    Repeating a split would count one outcome twice; with few configurations there may be
+    fewer distinct splits than asked for, and then fewer are returned.
+    """
+    n_t, n_b, _ = split_sizes(len(ids))
+    rng = np.random.default_rng(seed)
+    out, seen = [], set()
+    for _ in range(50 * trials):
+        if len(out) == trials:
+            break
+        order = [ids[i] for i in rng.permutation(len(ids))]
+        targets, base = sorted(order[:n_t]), sorted(order[n_t:n_t + n_b])
+        if (tuple(targets), tuple(base)) not in seen:
+            seen.add((tuple(targets), tuple(base)))
+            out.append((targets, base, sorted(order[n_t + n_b:])))
+    return out
+
+
 def donor_experiment(fitter: Fitter, trials: int = 3, seed: int = 0) -> DonorExperiment:
     """Targets held out; fit RECE on base + each pool candidate; compare the top donor with the rest.
 
@@ -172,15 +192,12 @@ def donor_experiment(fitter: Fitter, trials: int = 3, seed: int = 0) -> DonorExp
     """
     fs = fitter.fs
     ids = fs.config_ids
-    n_t, n_b, _ = split_sizes(len(ids))
     out = []
-    for trial in range(trials):
-        order = [ids[i] for i in np.random.default_rng(seed + trial).permutation(len(ids))]
-        targets, base, pool = order[:n_t], order[n_t:n_t + n_b], order[n_t + n_b:]
+    for trial, (targets, base, pool) in enumerate(distinct_splits(ids, trials, seed)):
         picks = rank_donors([fs.configs[c] for c in base], [fs.configs[c] for c in pool], len(pool))
         pool = [p.config.config_id for p in picks]
         sets = {"base": base, **{c: base + [c] for c in pool}}
-        log(f"[donors] trial {trial + 1}/{trials}: {len(targets)} targets, base {len(base)}, pool {len(pool)}")
+        log(f"[donors] trial {trial + 1}: {len(targets)} targets, base {len(base)}, pool {len(pool)}")
         docs = fitter.fit_many([FitRequest(tuple(fs.shards_of(s)), "rece") for s in sets.values()],
                                f"donor trial {trial + 1}")
         unseen = tuple(fs.shards_of(targets))

@@ -716,9 +716,20 @@ def baseline_rows(scores: pl.DataFrame, meths: Sequence[Method], protocol: str, 
             if r.height:
                 row += [fmt(r[col][0], kind) for col, _, kind in TABLE_METRICS]
             else:
-                row += [f"n/a ({m.not_defined or 'no rows'})"] + [""] * (len(TABLE_METRICS) - 1)
+                row += ["n/a"] * len(TABLE_METRICS)
         rows.append(row)
     return rows
+
+
+def table_footnotes(scores: pl.DataFrame, meths: Sequence[Method], protocol: str) -> list[str]:
+    """Why a method has no numbers for a split in this protocol."""
+    sub = scores.filter(pl.col("protocol") == protocol)
+    out = []
+    for m in meths:
+        missing = [s for s in SPLITS if not sub.filter((pl.col("method") == m.key) & (pl.col("split") == s)).height]
+        if missing:
+            out.append(f"n/a: {m.title}, {' and '.join(missing)}: {m.not_defined or 'no rows'}")
+    return out
 
 
 def text_table(rows: Sequence[Sequence[str]]) -> str:
@@ -733,6 +744,7 @@ def baseline_text(ev: Evaluation) -> str:
         for t in TARGETS:
             out.append(f"== {p} ({PROTOCOL_TITLES[p]}), {t}, {len(ev.runs[p].folds)} fold(s) ==")
             out.append(text_table(baseline_rows(ev.scores, ev.methods, p, t)))
+        out += table_footnotes(ev.scores, ev.methods, p)
     return "\n".join(out)
 
 

@@ -208,25 +208,17 @@ class ObjectRoot:
         where = self.s3.describe()  # type: ignore[union-attr]
         if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError, bx.CredentialRetrievalError)):
             return _NO_CREDENTIALS
+        if "169.254.169.254" in str(exc):  # Polars found no keys and fell through to the instance metadata service
+            return _NO_CREDENTIALS
         code = _error_code(exc)
         if code == "networkconnection" or isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, ConnectionError, TimeoutError)):
             timed_out = isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__ or "Timeout was reached" in str(exc)
             return f"{where} {'did not answer in time' if timed_out else 'cannot be reached'}", _UNREACHABLE_HINT
-        if code in ("nosuchbucket", "404"):  # a 404 without a code only reaches here from head_bucket
+        if code == "nosuchbucket":
             return f"bucket {self.bucket!r} does not exist", "create it or fix the bucket name in the URI"
         if code in _S3_CODES:
             return _S3_CODES[code]
-        if "169.254.169.254" in str(exc):  # object_store fell through to the instance metadata service
-            return _NO_CREDENTIALS
         return (f"S3 error {code}" if code else _first_line(exc)), "retry, or check the endpoint and the object"
-
-    def _raise_if_bucket_missing(self, rel: str, action: str) -> None:
-        """A 404 on HEAD cannot say whether the key or the bucket is missing; ask the bucket."""
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if _error_code(exc) != "403":  # 403: no s3:ListBucket on the bucket root, so we cannot tell
-                raise self.error(rel, action, exc) from None
 
     # --- reading -------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -236,10 +228,9 @@ class ObjectRoot:
             self._client.head_object(Bucket=self.bucket, Key=self._key(rel))
             return True
         except Exception as exc:  # noqa: BLE001 - classified below
-            if _error_code(exc) != "404":
-                raise self.error(rel, "check for the object", exc) from None
-        self._raise_if_bucket_missing(rel, "check for the object")
-        return False
+            if self._absent(rel, "check for the object", exc):
+                return False
+            raise self.error(rel, "check for the object", exc) from None
 
     def read(self, rel: str) -> Blob | None:
         """The whole object, or None if it does not exist."""
@@ -256,9 +247,28 @@ class ObjectRoot:
             resp = self._client.get_object(Bucket=self.bucket, Key=self._key(rel))
             return Blob(resp["Body"].read(), resp["ETag"])
         except Exception as exc:  # noqa: BLE001 - classified below
-            if _error_code(exc) == "nosuchkey":
+            if self._absent(rel, "read", exc):
                 return None
             raise self.error(rel, "read", exc) from None
+
+    def _absent(self, rel: str, action: str, exc: BaseException) -> bool:
+        """Whether a failed HEAD/GET of one key means that the key does not exist.
+
+        A 404 from HEAD has no body to tell a missing key from a missing bucket, and S3 answers
+        403 instead of 404 to callers that may not list the whole bucket (a prefix-scoped policy
+        such as infra/iam-policy.json). In both cases the listing of that key decides.
+        """
+        code = _error_code(exc)
+        if code == "nosuchkey":
+            return True
+        if code not in ("404", "403", "accessdenied"):
+            return False
+        key = self._key(rel)
+        try:
+            listed = self._client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1).get("Contents", ())
+        except Exception as list_exc:  # noqa: BLE001 - its reason (no bucket, bad key) is the more specific one
+            raise self.error(rel, action, list_exc) from None
+        return not any(o["Key"] == key for o in listed)
 
     def list(self, rel_prefix: str) -> list[ObjectInfo]:
         """Every object below ``rel_prefix`` (a folder), all pages; nothing is opened."""
@@ -298,8 +308,9 @@ class ObjectRoot:
         """Compare-and-swap: write only if the object's token is still ``expected`` (None: absent).
 
         Returns False when another writer got there first. On S3 this is a conditional
-        ``PutObject`` (``IfMatch``/``IfNoneMatch``); locally a per-object ``fcntl`` lock makes
-        read-compare-replace one step for every process on the host.
+        ``PutObject`` (``IfMatch``/``IfNoneMatch``). Locally, creating is a hard link of a
+        complete temp file (fails if the name exists); replacing takes a per-object ``fcntl``
+        lock so that read-compare-replace is one step for every process on the host.
         """
         if self.is_s3:
             cond = {"IfMatch": expected} if expected is not None else {"IfNoneMatch": "*"}
@@ -313,18 +324,17 @@ class ObjectRoot:
                 raise self.error(rel, "write", exc) from None
         path = self.fs_path(rel)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if expected is None:
+                return self._local_write(rel, data, create_only=True)
             with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 current = self.read(rel)
-                if (current.etag if current else None) != expected:
-                    return False
-                self._local_write(rel, data)
-                return True
+                return current is not None and current.etag == expected and self._local_write(rel, data)
         except OSError as exc:
             raise self.error(rel, "write", exc) from None
 
-    def _local_write(self, rel: str, data: bytes) -> None:
+    def _local_write(self, rel: str, data: bytes, create_only: bool = False) -> bool:
+        """Write a complete, synced temp file, then rename it over ``rel`` (or hard-link it, only if ``rel`` is new)."""
         path = self.fs_path(rel)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -334,10 +344,16 @@ class ObjectRoot:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+                if create_only:
+                    os.link(tmp, path)  # atomic, and fails if the name exists
+                else:
+                    os.replace(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         except OSError as exc:
             raise self.error(rel, "write", exc) from None
 

@@ -23,6 +23,7 @@ from .errors import ConfigError
 
 ACTIVATION_BYTES = 2  # BF16 activations travel through the collectives
 
+
 @dataclass(frozen=True)
 class VllmRelease:
     """What a vLLM release changes for the generator."""
@@ -31,9 +32,10 @@ class VllmRelease:
     async_scheduling: bool  # plans step N+1 while step N runs: new requests join one step later
 
 
-# Releases the generator knows. 0.14.0 made async scheduling the default (vllm-project/vllm
-# #27614): scheduling overlaps GPU execution, so little of the per-step CPU work stays on the
-# critical path, and a request that arrives during step N is first scheduled in step N+2.
+# Releases the generator knows (older ones spent more Python time per step). 0.14.0 made async
+# scheduling the default (vllm-project/vllm #27614): scheduling overlaps GPU execution, which
+# hides part of the per-step CPU work, and a request that arrives during step N is first
+# scheduled in step N+2.
 VLLM_RELEASES: dict[str, VllmRelease] = {
     "0.10.2": VllmRelease(cpu_factor=1.15, async_scheduling=False),
     "0.11.0": VllmRelease(cpu_factor=1.0, async_scheduling=False),
@@ -43,6 +45,7 @@ VLLM_RELEASES: dict[str, VllmRelease] = {
 
 
 def vllm_release(version: str) -> VllmRelease:
+    """The release a configuration names; the generator refuses to guess unknown ones."""
     try:
         return VLLM_RELEASES[version]
     except KeyError:
@@ -55,11 +58,12 @@ def vllm_release(version: str) -> VllmRelease:
 class Efficiency:
     """Fractions of the datasheet a real vLLM step reaches, and its fixed CPU costs.
 
-    One set for every deployment. Values are typical for BF16 serving on Hopper/Ampere with
-    vLLM 0.11: cuBLAS GEMMs on prefill-sized batches reach ~60% of peak, FlashAttention a bit
-    less, the fused-MoE grouped GEMMs (small per-expert batches) much less; weight and KV
-    streaming reaches ~80% of HBM bandwidth; the CPU side (scheduling, input preparation,
-    sampling, output processing) costs about a millisecond per step.
+    One set for every deployment, calibrated against the reference runs (H100, three models,
+    TP 1/2/4): decode steps at low load (ITL p75) are a weight read at ~92% of HBM bandwidth
+    plus ~2 ms of CPU work, growing by ~20 us per running sequence beyond its KV reads; GEMMs
+    and FlashAttention on prefill-sized batches reach 70% / 45% of peak and the fused-MoE
+    grouped GEMMs (small per-expert batches) 30% (the 20 req/s stages bound these from below);
+    NVLink collectives reach 70% of link bandwidth and host copies 75% of PCIe.
     """
 
     gemm: float = 0.70
@@ -128,7 +132,15 @@ class StepModel:
         self._cpu_us_per_seq = eff.per_seq_us * cpu
         self._cpu_us_per_token = eff.per_token_us * cpu
 
-    def terms(
+    def time_us(self, *args: int | None, **kwargs: int | None) -> float:
+        """Deterministic step time in us (arguments as :meth:`terms`); the engine's hot path."""
+        return sum(self._terms(*args, **kwargs))
+
+    def terms(self, *args: int | None, **kwargs: int | None) -> StepTerms:
+        """The step's time split by cause; see :meth:`_terms` for the arguments."""
+        return StepTerms(*self._terms(*args, **kwargs))
+
+    def _terms(
         self,
         decode_tokens: int,
         decode_ctx: int,
@@ -137,14 +149,12 @@ class StepModel:
         prefill_ctx: int = 0,
         num_seqs: int | None = None,
         xfer_blocks: int = 0,
-    ) -> StepTerms:
-        """Time of one step by cause.
-
-        ``decode_ctx`` is the KV tokens the decodes attend to (sum of their context lengths),
-        ``prefill_pairs`` the causal (query, key) pairs of the prefill chunks and
-        ``prefill_ctx`` the already-cached context tokens those chunks read. ``xfer_blocks``
-        counts KV blocks moved to or from host memory this step.
-        """
+    ) -> tuple[float, float, float, float, float, float]:
+        """``decode_ctx`` is the KV tokens the decodes attend to (sum of their context lengths),
+        ``prefill_pairs`` the causal (query, key) pairs of the prefill chunks, ``prefill_ctx``
+        the already-cached context those chunks read, ``num_seqs`` the scheduled sequences
+        (default: every decode plus one prefill) and ``xfer_blocks`` the KV blocks moved to or
+        from host memory this step."""
         tokens = decode_tokens + prefill_tokens
         if num_seqs is None:
             num_seqs = decode_tokens + (1 if prefill_tokens else 0)
@@ -159,11 +169,7 @@ class StepModel:
         comm = self._comm_fixed_us + tokens * self._comm_us_per_token if self._comm_fixed_us else 0.0
         offload = xfer_blocks * self._offload_us_per_block
         overhead = self._cpu_fixed_us + num_seqs * self._cpu_us_per_seq + tokens * self._cpu_us_per_token
-        return StepTerms(linear, attention, moe, comm, offload, overhead)
-
-    def time_us(self, *args: int, **kw: int) -> float:
-        """Deterministic step time in us (the sum of :meth:`terms`)."""
-        return sum(self.terms(*args, **kw))
+        return linear, attention, moe, comm, offload, overhead
 
     def decode_capacity_rps(self, prompt: float, output: float) -> float:
         """Rough requests/s this deployment sustains for a given mean prompt and output length.
@@ -217,7 +223,9 @@ class ApiOverhead:
     A fixed cost (HTTP parsing, request validation), tokenisation proportional to the prompt,
     and contention: the same Python process detokenises and streams every running request's
     output each step, so new requests wait longer when the running batch is deep. Noise is
-    wider than for steps (the event loop is shared) with rarer but larger stalls.
+    wider than for steps (the event loop is shared) with rarer but larger stalls. The same
+    server delivers output to the client (``delivery_us``: engine -> API process -> SSE ->
+    client), which the generator adds between ``finished_ns`` and ``departed_ns``.
     """
 
     base_us: float = 1500.0

@@ -107,6 +107,7 @@ def publish(root: str, artifact_doc: Mapping[str, Any], meta: ManifestMeta, *, s
     sha = sha256_hex(body)
     version = f"v-{sha[:16]}"
     folder = f"artifacts/{version}"
+    provenance = _provenance(version, sha, artifact_doc, meta)  # fails on bad metadata before anything is written
     _put_immutable(objects, f"{folder}/artifact.json", body)
 
     for _ in range(_MAX_SWAPS):
@@ -116,9 +117,9 @@ def publish(root: str, artifact_doc: Mapping[str, Any], meta: ManifestMeta, *, s
             _, manifest = _load(objects, version)
             return PublishedVersion(version, objects.uri_of(folder), sha, manifest["previous"])
         manifest = _read_manifest(objects, version)
-        if manifest is None:
+        if manifest is None or manifest.get("artifact_sha256") != sha or not _in_history(objects, current, version):
             # Not yet reachable from latest: (re)write it so that its previous names what we replace.
-            manifest = _manifest(version, sha, artifact_doc, meta, previous=current)
+            manifest = {**provenance, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "previous": current}
             objects.write(f"{folder}/manifest.json", canonical_json(manifest, "manifest"))
         _load(objects, version)  # read both back; raises before the pointer can move
         new_pointer = canonical_json({"version": version, "sha256": sha})
@@ -157,7 +158,8 @@ def list_versions(root: str, *, s3: S3Options | None = None) -> list[str]:
 
 
 # --- internals -------------------------------------------------------------------------------
-def _manifest(version: str, sha: str, doc: Mapping[str, Any], meta: ManifestMeta, previous: str | None) -> dict[str, Any]:
+def _provenance(version: str, sha: str, doc: Mapping[str, Any], meta: ManifestMeta) -> dict[str, Any]:
+    """The manifest minus ``created_at`` and ``previous``, which each publish attempt sets."""
     data = [dict(d) for d in meta.data]
     return {
         "manifest_format": MANIFEST_FORMAT,
@@ -170,8 +172,6 @@ def _manifest(version: str, sha: str, doc: Mapping[str, Any], meta: ManifestMeta
         "date_window": {"from": meta.date_from, "to": meta.date_to},
         "versions": dict(meta.versions),
         "metrics": doc.get("metrics"),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "previous": previous,
     }
 
 

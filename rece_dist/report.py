@@ -24,7 +24,7 @@ import polars as pl  # noqa: E402
 
 from .ensemble import RECEModel  # noqa: E402
 from .evaluate import (PROTOCOL_TITLES, SPLITS, Evaluation, Method, baseline_rows, fmt,  # noqa: E402
-                       sweep_text)
+                       sweep_text, table_footnotes)
 from .pipeline import TARGETS  # noqa: E402
 
 DPI = 110
@@ -292,6 +292,7 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
         parts.append(f"<h3>{p}: {html.escape(PROTOCOL_TITLES[p])} ({len(run.folds)} folds)</h3>")
         for t in TARGETS:
             parts.append(_table(baseline_rows(ev.scores, ev.methods, p, t), f"{p}, {t}"))
+        parts += [f"<p class='note'>{html.escape(n)}</p>" for n in table_footnotes(ev.scores, ev.methods, p)]
     parts.append("<h2>The published artifact on this store</h2><p class='note'>The artifact itself, with its own "
                  "mixing, on the held-out slice of every shard of the store (configurations it trained on are seen).</p>")
     parts.append(_table(_frame_rows(ev.published.select(["target", "rows", "interval_coverage", "mape_p50",

@@ -50,7 +50,6 @@ _CONFIG_STREAM = 1 << 32  # entropy word that keeps configuration sampling apart
 class Segment:
     """One serving session: an engine started fresh, a workload, a step quota."""
 
-    day: int
     start_us: float  # earliest start, us after start-date midnight
     steps: int
     workload: Workload
@@ -170,19 +169,23 @@ def _random_config(rng: np.random.Generator, catalog: Catalog, placements: list[
 # --- sessions and workloads -----------------------------------------------------------------
 
 def plan_segments(cfg: DeploymentConfig, model: StepModel, rng: np.random.Generator, steps: int, days: int) -> list[Segment]:
-    """Split ``steps`` over ``days`` and 1-3 sessions a day, each with its own workload."""
+    """Split ``steps`` over ``days`` and 1-3 sessions a day, each with its own workload.
+
+    A day's sessions start in the early morning and follow each other with gaps; rows are
+    partitioned by their own timestamps, so a very long day would spill past midnight into
+    the next date rather than be cut.
+    """
     per_day = [steps // days + (1 if d < steps % days else 0) for d in range(days)]
     out = []
     for day, quota in enumerate(per_day):
         if quota == 0:
             continue
         n = int(min(rng.integers(1, 4), quota))
-        shares = rng.dirichlet(np.full(n, 2.0))
-        counts = np.maximum(1, np.floor(shares * quota).astype(int))
-        counts[-1] = quota - counts[:-1].sum()
+        counts = 1 + np.floor(rng.dirichlet(np.full(n, 2.0)) * (quota - n)).astype(int)
+        counts[-1] += quota - counts.sum()
         start = day * _DAY_US + rng.uniform(0, 6 * 3600e6)
         for k in range(n):
-            out.append(Segment(day, start, int(counts[k]), random_workload(cfg, model, rng)))
+            out.append(Segment(start, int(counts[k]), random_workload(cfg, model, rng)))
             start += rng.uniform(5 * 60e6, 2 * 3600e6)  # earliest start of the next one
     return out
 
@@ -233,11 +236,14 @@ def _random_lengths(rng: np.random.Generator) -> Lengths:
 def _mean_lengths(lengths: Lengths) -> tuple[float, float]:
     if isinstance(lengths, SharedPrefixLengths):
         return lengths.system_prompt_len + lengths.question_len, lengths.output_len
-    lognormal = lambda median, sigma: median * math.exp(sigma**2 / 2)  # noqa: E731
     return (
-        lognormal(lengths.prompt_median, lengths.prompt_sigma) + lengths.prefix_len,
-        lognormal(lengths.output_median, lengths.output_sigma),
+        _lognormal_mean(lengths.prompt_median, lengths.prompt_sigma) + lengths.prefix_len,
+        _lognormal_mean(lengths.output_median, lengths.output_sigma),
     )
+
+
+def _lognormal_mean(median: float, sigma: float) -> float:
+    return median * math.exp(sigma**2 / 2)
 
 
 # --- one configuration ----------------------------------------------------------------------

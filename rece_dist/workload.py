@@ -25,6 +25,8 @@ _BATCH_SPREAD_US = 3000.0  # members of a fan-out batch land within a few ms
 
 @dataclass(frozen=True)
 class Stage:
+    """A stretch of constant mean request rate."""
+
     duration_s: float
     rate_rps: float
 
@@ -53,7 +55,8 @@ class HeavyTailLengths:
     prefix_groups: int = 0
     prefix_len: int = 0
 
-    def sample(self, rng: np.random.Generator, n: int, max_model_len: int) -> RequestShapes:
+    def sample(self, rng: np.random.Generator, n: int, max_model_len: int, first: int = 0) -> RequestShapes:
+        """``n`` requests, independent of their position ``first`` in the stream."""
         prompt = _heavy_tail(rng, n, self.prompt_median, self.prompt_sigma, self.tail_frac, self.tail_alpha)
         output = _heavy_tail(rng, n, self.output_median, self.output_sigma, self.tail_frac, self.tail_alpha)
         if self.prefix_groups:
@@ -84,6 +87,7 @@ class SharedPrefixLengths:
     prompt_quantiles: tuple[tuple[float, float], ...] = ()
 
     def sample(self, rng: np.random.Generator, n: int, max_model_len: int, first: int = 0) -> RequestShapes:
+        """Requests ``first`` .. ``first + n - 1`` of the round-robin over users."""
         users = self.num_groups * self.users_per_group
         user = (first + np.arange(n)) % users
         if self.prompt_quantiles:
@@ -122,10 +126,6 @@ class Workload:
         if self.repeat and not any(s.rate_rps > 0 for s in self.stages):
             raise ValueError("a repeating workload needs a stage with a positive rate")
 
-    @property
-    def mean_rate_rps(self) -> float:
-        return sum(s.rate_rps * s.duration_s for s in self.stages) / sum(s.duration_s for s in self.stages)
-
 
 @dataclass(frozen=True)
 class RequestChunk:
@@ -154,11 +154,7 @@ class RequestSource:
         for stage_idx, t0, t1, rate in self._slices:
             times = self._arrivals(t0, t1, rate)
             if len(times):
-                lengths = self.workload.lengths
-                if isinstance(lengths, SharedPrefixLengths):
-                    shapes = lengths.sample(self.rng, len(times), self.max_model_len, first=self._emitted)
-                else:
-                    shapes = lengths.sample(self.rng, len(times), self.max_model_len)
+                shapes = self.workload.lengths.sample(self.rng, len(times), self.max_model_len, first=self._emitted)
                 self._emitted += len(times)
                 return RequestChunk(times, shapes, np.full(len(times), stage_idx, dtype=np.int64))
         return None

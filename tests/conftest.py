@@ -22,7 +22,7 @@ def ray_local():
 import urllib.request  # noqa: E402
 import uuid  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
 
 _AWS_VARS = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
 
@@ -81,25 +81,35 @@ def s3_bucket(s3_server: tuple[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fixture-secret-key")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "absent-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "absent-aws-credentials"))
+    # Tests change keys mid-process; Polars would otherwise keep the first credentials it built.
+    monkeypatch.setenv("POLARS_CREDENTIAL_PROVIDER_BUILDER_CACHE_SIZE", "0")
     name = f"rece-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=name)
     return S3Bucket(endpoint, name, client)
 
 
 @pytest.fixture
-def s3_iam(s3_bucket: S3Bucket) -> Iterator[tuple[str, str]]:
-    """moto's IAM checks switched on for one test; yields (key id, secret) of a user granted nothing."""
+def s3_iam(s3_bucket: S3Bucket) -> Iterator[Callable[[str | None], tuple[str, str]]]:
+    """moto's IAM checks for the rest of the test once called. Each call makes a user with the
+    given inline policy (None: granted nothing) and returns its (key id, secret)."""
     import boto3
 
     iam = boto3.session.Session(aws_access_key_id="AKIATESTFIXTURE00000", aws_secret_access_key="fixture-secret-key").client(
         "iam", endpoint_url=s3_bucket.endpoint, region_name="us-east-1"
     )
-    user = f"nobody-{uuid.uuid4().hex[:8]}"
-    iam.create_user(UserName=user)
-    key = iam.create_access_key(UserName=user)["AccessKey"]
-    _moto_auth(s3_bucket.endpoint, "0")  # check every request from now on
+
+    def make_user(policy: str | None = None) -> tuple[str, str]:
+        _moto_auth(s3_bucket.endpoint, "inf")  # the fixture's own keys are no IAM user
+        user = f"job-{uuid.uuid4().hex[:8]}"
+        iam.create_user(UserName=user)
+        if policy:
+            iam.put_user_policy(UserName=user, PolicyName="job", PolicyDocument=policy)
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        _moto_auth(s3_bucket.endpoint, "0")  # check every request from now on
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
     try:
-        yield key["AccessKeyId"], key["SecretAccessKey"]
+        yield make_user
     finally:
         _moto_auth(s3_bucket.endpoint, "inf")
 

@@ -236,6 +236,10 @@ def test_latest_never_moves_to_a_bad_version(root):
         publish(root.uri, {"schema_version": "rece/1", "beta": float("nan")}, META)
     with pytest.raises(ArtifactError, match="no schema_version"):
         publish(root.uri, {"beta": 1.0}, META)
+    written = root.keys()
+    with pytest.raises(ArtifactError, match="training settings is not plain JSON"):
+        publish(root.uri, _doc("other"), ManifestMeta(git_commit="x", settings={"seeds": {1, 2}}, data=[]))
+    assert root.keys() == written  # refused before anything was written
     assert root.json("latest")["version"] == good.version
     assert resolve(root.uri)[0] == _doc("good")
     assert list_versions(root.uri) == [good.version]
@@ -332,7 +336,7 @@ def test_credentials_stay_out_of_errors(request, s3_bucket, canary_keys, monkeyp
             publish(models, _doc("b"), META)
         errors.append(str(err.value))
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_bucket.endpoint)
-    request.getfixturevalue("s3_iam")  # from now on the server checks keys, and ours are unknown to it
+    request.getfixturevalue("s3_iam")()  # from now on the server checks keys, and ours are unknown to it
     for call in (lambda: publish(models, _doc("c"), META), lambda: resolve(models), lambda: Store(store.uri).scan(part)):
         with pytest.raises(StoreError, match="access key id is not recognised") as err:
             call()

@@ -165,8 +165,9 @@ def test_sharded_rejects_bad_shard(ray_local):
     X, y = heavy_tailed(500, p=4, seed=9)
     y = y.copy()
     y[3] = np.nan
-    with pytest.raises(ray.exceptions.RayTaskError, match="NaN"):
-        fit_quantile_sharded([ray.put((X, y, np.ones(500)))], 0.5)
+    good = ray.put((X, np.nan_to_num(y), np.ones(500)))
+    with pytest.raises(QuantileInputError, match=r"y contains 1 NaN.*shard 1"):
+        fit_quantile_sharded([good, ray.put((X, y, np.ones(500)))], 0.5)
 
 
 # --------------------------------------------------------------------------- non-crossing

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -14,6 +16,7 @@ import pytest
 from rece_dist.config import Catalog
 from rece_dist.errors import SchemaError, StoreError
 from rece_dist.objstore import ObjectRoot, S3Options
+from rece_dist.publish import ManifestMeta, data_fingerprint, list_versions, publish, resolve
 from rece_dist.schema import STEP_COLUMNS
 from rece_dist.store import Partition, Store
 
@@ -91,8 +94,10 @@ def test_listing_pages_past_1000_keys_without_opening_files(s3_bucket):
 def test_corrupt_parquet_is_a_schema_error_not_a_store_error(s3_bucket, s3_store):
     part = s3_store.partitions("steps")[0]
     s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=part.files[0].split("/", 1)[1], Body=b"PAR1 truncated")
-    with pytest.raises(SchemaError, match="not a Parquet file|cannot read Parquet"):
+    with pytest.raises(SchemaError, match="part-0.parquet: not a Parquet file"):
         s3_store.row_count(part)
+    with pytest.raises(SchemaError, match="part-0.parquet: cannot read Parquet"):
+        s3_store.scan(part)
 
 
 def _closed_port() -> int:
@@ -157,7 +162,7 @@ def test_missing_store_in_existing_bucket(s3_bucket):
     ids=["unknown-key", "wrong-secret", "no-permission"],
 )
 def test_credential_and_permission_errors(s3_bucket, s3_store, s3_iam, monkeypatch, keys, problem):
-    key_id, secret = keys(*s3_iam)
+    key_id, secret = keys(*s3_iam())
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     store = Store(s3_store.uri)
@@ -165,7 +170,7 @@ def test_credential_and_permission_errors(s3_bucket, s3_store, s3_iam, monkeypat
         store.partitions("steps")
     with pytest.raises(StoreError, match=problem):
         store.scan(_partition(store, "steps/config_id=cfg-a/date=2024-03-01/part-0.parquet"))
-    with pytest.raises(StoreError, match="access denied"):  # HEAD has no body: S3 only says 403
+    with pytest.raises(StoreError, match=problem):  # HEAD has no body, only a 403: the listing says why
         store.require()
     assert secret not in str(err.value) and "\n" not in str(err.value)
 
@@ -198,3 +203,64 @@ def test_concurrent_writers_of_one_local_object_never_tear_it(tmp_path):
     stop.set()
     t.join()
     assert seen and seen <= set(payloads)
+
+
+def _job_policy(bucket: str) -> str:
+    """infra/iam-policy.json for this bucket, without its s3:prefix conditions (moto cannot evaluate them)."""
+    text = (Path(__file__).resolve().parents[1] / "infra" / "iam-policy.json").read_text()
+    for placeholder, value in {"TRACES_BUCKET": bucket, "TRACES_PREFIX": "traces/v1", "ARTIFACTS_BUCKET": bucket, "ARTIFACTS_PREFIX": "models"}.items():
+        text = text.replace(placeholder, value)
+    doc = json.loads(text)
+    for statement in doc["Statement"]:
+        statement.pop("Condition", None)
+    return json.dumps(doc)
+
+
+def test_shipped_iam_policy_is_enough_for_the_job_and_no_more(s3_bucket, s3_store, s3_iam, monkeypatch):
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="models/notes.txt", Body=b"not the job's")
+    key_id, secret = s3_iam(_job_policy(s3_bucket.name))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    store, models = Store(s3_store.uri), s3_bucket.uri("models")
+    store.require()
+    parts = store.partitions("steps", config_ids=["cfg-a"])
+    assert len(parts) == 3 and store.scan(parts[0])["step_id"].to_list() == [0, 1, 2]
+    meta = ManifestMeta(git_commit="x", settings={}, data=data_fingerprint(store, parts))
+    first = publish(models, {"schema_version": "rece/1", "n": 1}, meta)  # reads a missing latest, creates it
+    second = publish(models, {"schema_version": "rece/1", "n": 2}, meta)
+    assert second.previous == first.version and resolve(models)[0]["n"] == 2
+    assert list_versions(models) == sorted([first.version, second.version])
+    # ... and no more: nothing outside the two prefixes, no writes to the traces.
+    with pytest.raises(StoreError, match="access denied"):
+        store.write_partition("steps", "cfg-a", "2024-03-09", _steps(1, seed=0))
+    with pytest.raises(StoreError, match="access denied"):
+        publish(s3_bucket.uri("elsewhere"), {"schema_version": "rece/1"}, meta)
+    # A 403 on one key: absent if the listing does not show it, denied if it does.
+    objects = ObjectRoot(models)
+    assert objects.read("not-there") is None and not objects.exists("not-there")
+    with pytest.raises(StoreError, match="notes.txt: cannot read: access denied"):
+        objects.read("notes.txt")
+
+
+def test_s3_options_agree_on_endpoint_region_and_limits(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "minio.local:9000")  # no scheme: https, as AWS tools assume
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    opts = S3Options.from_env()
+    assert opts.endpoint == "https://minio.local:9000" and opts.describe() == "https://minio.local:9000"
+    assert "allow_http" not in opts.polars() and opts.polars()["aws_region"] == "eu-west-1"
+    local = S3Options(endpoint_url="http://user:pw@127.0.0.1:9000/some/path", max_attempts=2)
+    assert local.endpoint == "http://127.0.0.1:9000"  # user info never reaches a client or a message
+    assert local.polars() == {"aws_region": "us-east-1", "connect_timeout": "5000ms", "timeout": "30000ms",
+                              "max_retries": 1, "aws_endpoint_url": "http://127.0.0.1:9000", "allow_http": "true"}
+    assert S3Options().describe() == "AWS S3 (us-east-1)"
+
+
+def test_missing_credentials_are_named(s3_bucket, s3_store, monkeypatch):
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to fall back to, quickly
+    store = Store(s3_store.uri)
+    part = _partition(store, "steps/config_id=cfg-a/date=2024-03-01/part-0.parquet")
+    for call in (lambda: store.partitions("steps"), lambda: store.scan(part)):
+        with pytest.raises(StoreError, match="no AWS credentials were found; set AWS_ACCESS_KEY_ID"):
+            call()

@@ -1,0 +1,249 @@
+"""Validation protocols, metric aggregation, embedding validation and tuning.
+
+Pure parts are checked against values worked out by hand; the protocols are checked for
+leakage on the fitted artifacts themselves (their ``configurations`` and date window), and the
+whole evaluation runs once on a store with a known ground truth (tests/ground_truth.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ground_truth import configs, write_store
+from rece_dist.evaluate import (Cell, EvalOptions, EvaluationError, Fitter, aggregate, baseline_rows, choose,
+                                config_kfold, evaluate, mantel, methods, pair_distances, probe_rows, protocol_folds,
+                                relative_pinball, run_protocol, table_footnotes)
+from rece_dist.pipeline import FeatureSet, ShardStats, TrainSettings, featurize_store, fit_ensemble
+
+QS = (0.1, 0.5, 0.9)
+SETTINGS = TrainSettings(specialists=2, holdout_every=2, noncrossing=False)
+
+
+# --- metrics and aggregation by hand ----------------------------------------------------------
+
+def _cell(cid: str, y, values, method="m", split="unseen", target="beta") -> Cell:
+    return Cell("loco", "f", method, split, cid, target, np.asarray(y, float), np.asarray(values, float))
+
+
+A = _cell("a", [10, 20], [[8, 10, 12], [18, 20, 22]])   # pinball per q: .2, 0, .2 ; mean |y| 15
+B = _cell("b", [100], [[50, 90, 95]])                    # pinball per q: 5, 5, 4.5 ; mean |y| 100
+
+
+def test_relative_pinball_by_hand():
+    assert relative_pinball(A.y, A.values, QS) == pytest.approx((0.4 / 3) / 15)
+    assert relative_pinball(B.y, B.values, QS) == pytest.approx((14.5 / 3) / 100)
+    assert np.isnan(relative_pinball(np.zeros(0), np.zeros((0, 3)), QS))
+
+
+def test_aggregate_pools_rows_and_averages_configurations():
+    row = aggregate([A, B], QS, ("method", "target")).row(0, named=True)
+    assert row["rows"] == 3 and row["configs"] == 2
+    assert row["pinball_0.1"] == pytest.approx((0.2 + 0.2 + 5) / 3)
+    assert row["pinball_0.5"] == pytest.approx(5 / 3)
+    assert row["pinball_0.9"] == pytest.approx((0.2 + 0.2 + 4.5) / 3)
+    assert row["rel_pinball"] == pytest.approx(np.mean([1.8, 5 / 3, 4.9 / 3]) / (130 / 3))  # pooled
+    assert row["rel_pinball_macro"] == pytest.approx(((0.4 / 3) / 15 + (14.5 / 3) / 100) / 2)  # per config
+    assert row["interval_coverage"] == pytest.approx(2 / 3)  # 100 lies above [50, 95]
+    assert row["coverage_0.9"] == pytest.approx(2 / 3)
+    assert row["mape_p50"] == pytest.approx(0.0)  # median of 0, 0, 0.1
+
+
+def test_aggregate_groups_by_cell_fields_and_config_attributes():
+    cells = [A, B, _cell("a", [1.0], [[0, 1, 2]], split="seen")]
+    by_split = aggregate(cells, QS, ("split",))
+    assert by_split["split"].to_list() == ["seen", "unseen"] and by_split["rows"].to_list() == [1, 3]
+    by_gpu = aggregate(cells, QS, ("gpu",), {"a": {"gpu": "H100"}, "b": {"gpu": "L40S"}})
+    assert dict(zip(by_gpu["gpu"], by_gpu["rows"])) == {"H100": 3, "L40S": 1}
+
+
+def test_baseline_table_marks_what_a_method_cannot_predict():
+    meths = methods(2)
+    cells = [_cell("a", A.y, A.values, m.key, split) for m in meths for split in ("seen", "unseen")
+             if not (m.key == "per_config" and split == "unseen") and not (m.key == "donor" and split == "seen")]
+    scores = aggregate(cells, QS, ("protocol", "method", "split", "target"))
+    rows = baseline_rows(scores, meths, "loco", "beta")
+    per_config = next(r for r in rows if r[0].startswith("per-configuration"))
+    assert per_config[1:5] != ["n/a"] * 4 and per_config[5:] == ["n/a"] * 4
+    donor = next(r for r in rows if r[0].startswith("nearest"))
+    assert donor[1:5] == ["n/a"] * 4 and donor[5] == "100.0%"
+    notes = table_footnotes(scores, meths, "loco")
+    assert any("per-configuration models, unseen: needs the configuration's own data" in n for n in notes)
+    assert len(notes) == 2
+
+
+def test_choose_takes_the_lowest_criterion():
+    crit = pl.DataFrame({"method": ["K=2 T=0.1", "K=1 T=0.1", "K=4 T=1"], "criterion": [0.3, 0.3, 0.1]})
+    assert choose(crit)["method"] == "K=4 T=1"
+    assert choose(crit.filter(pl.col("criterion") > 0.2))["method"] == "K=1 T=0.1"  # tie: name order
+
+
+# --- embedding validation by hand -------------------------------------------------------------
+
+def test_pair_distances_by_hand():
+    M = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # pairs (0,1), (0,2), (1,2)
+    np.testing.assert_allclose(pair_distances(M, "cosine"), [1, 2, 1])
+    np.testing.assert_allclose(pair_distances(M, "euclidean"), [np.sqrt(2), 2, np.sqrt(2)])
+    np.testing.assert_allclose(pair_distances(M, "rms"), [1, np.sqrt(2), 1])
+
+
+def test_mantel_detects_monotone_and_reversed_relations():
+    x = np.array([[0.0], [1.0], [3.0], [7.0], [8.0], [12.0]])
+    d = pair_distances(x, "euclidean")
+    rho, p = mantel(d, np.sqrt(d) * 3, len(x), permutations=999)
+    assert rho == pytest.approx(1.0) and p < 0.02
+    rho, p = mantel(d, -d, len(x), permutations=199)
+    assert rho == pytest.approx(-1.0) and p > 0.9
+
+
+def test_probe_rows_are_batches_every_configuration_can_run():
+    cfgs = configs(6)
+    probes = probe_rows(cfgs)
+    beta = probes["beta"]
+    mbt = min(c.serving.max_num_batched_tokens for c in cfgs)
+    assert (beta["scheduled_tokens"] == beta["prefill_tokens"] + beta["decode_tokens"]).all()
+    assert beta["scheduled_tokens"].max() <= mbt and beta["decode_tokens"].min() >= 1
+    assert probes["alpha"]["prompt_tokens"].max() <= min(c.serving.max_model_len for c in cfgs)
+
+
+# --- folds: which shards train and which are scored (no Ray) ----------------------------------
+
+def _fake_fs(n_configs: int = 6, dates=("2026-11-01", "2026-11-02", "2026-11-03")) -> FeatureSet:
+    cfgs = {c.config_id: c for c in configs(n_configs)}
+    stats = [ShardStats(cid, d) for cid in sorted(cfgs) for d in dates]
+    return FeatureSet("mem://", cfgs, [], [], stats)
+
+
+@pytest.mark.parametrize("protocol,key", [("loco", lambda c: c.config_id), ("logo", lambda c: c.gpu.name),
+                                          ("lomo", lambda c: c.model.name)])
+def test_group_protocols_hold_out_whole_groups(protocol, key):
+    fs = _fake_fs()
+    folds = protocol_folds(fs, protocol)
+    groups = {key(c) for c in fs.configs.values()}
+    assert len(folds) == len(groups)
+    unseen_all = []
+    for f in folds:
+        train_cfgs = {fs.stats[i].config_id for i in f.train}
+        test_cfgs = {fs.stats[i].config_id for i in f.unseen}
+        assert test_cfgs == set(f.held_out_configs) and not train_cfgs & test_cfgs
+        assert len({key(fs.configs[c]) for c in test_cfgs}) == 1
+        assert train_cfgs | test_cfgs == set(fs.config_ids)
+        assert f.seen == f.train
+        unseen_all += f.unseen
+    assert sorted(unseen_all) == list(range(len(fs.stats)))  # every shard is unseen exactly once
+
+
+def test_temporal_trains_only_on_older_dates():
+    fs = _fake_fs()
+    (f,) = protocol_folds(fs, "temporal")
+    assert {fs.stats[i].date for i in f.unseen} == {"2026-11-03"} == set(f.held_out_dates)
+    assert {fs.stats[i].date for i in f.train} == {"2026-11-01", "2026-11-02"}
+    assert not f.held_out_configs  # every configuration has older data
+
+
+def test_protocols_that_cannot_run_say_why():
+    one_date = _fake_fs(dates=("2026-11-01",))
+    with pytest.raises(EvaluationError, match="temporal validation needs more than 1 date"):
+        protocol_folds(one_date, "temporal")
+    same_gpu = _fake_fs(1)
+    with pytest.raises(EvaluationError, match="logo .* at least 2"):
+        protocol_folds(same_gpu, "logo")
+
+
+def test_kfold_over_configurations_holds_each_out_once():
+    fs = _fake_fs()
+    folds = config_kfold(fs, 3, seed=1)
+    held = [c for f in folds for c in f.held_out_configs]
+    assert sorted(held) == fs.config_ids
+    for f in folds:
+        assert not {fs.stats[i].config_id for i in f.train} & f.held_out_configs
+    assert len(config_kfold(fs, None)) == 6
+
+
+# --- on a real store with Ray -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def truth_fs(tmp_path_factory, ray_local) -> FeatureSet:
+    root = str(tmp_path_factory.mktemp("gt") / "store")
+    write_store(root, n_configs=3, rows=1000, dates=("2026-11-01", "2026-11-02", "2026-11-03"))
+    return featurize_store(root, SETTINGS)
+
+
+def test_no_fit_sees_a_held_out_configuration_or_date(truth_fs):
+    """Every protocol's fitted artifacts: trained exactly on the fold's training shards."""
+    fitter = Fitter(truth_fs, SETTINGS)
+    global_only = [m for m in methods() if m.key == "global"]
+    for protocol in ("loco", "logo", "lomo", "temporal"):
+        folds = protocol_folds(truth_fs, protocol)
+        run = run_protocol(fitter, folds, global_only, SETTINGS.temperature)
+        for fold, docs in zip(run.folds, run.docs):
+            doc = docs["global"]
+            trained = set(doc["configurations"])
+            assert trained == {truth_fs.stats[i].config_id for i in fold.train}
+            assert not trained & fold.held_out_configs
+            first, last = doc["training"]["date_window"]
+            assert all(not first <= d <= last for d in fold.held_out_dates)
+            if protocol == "temporal":
+                assert last == "2026-11-02" and fold.held_out_dates == {"2026-11-03"}
+        unseen = {(c.fold, c.config_id) for c in run.cells if c.split == "unseen"}
+        held = {(f.name, c) for f in run.folds for c in (f.held_out_configs or {truth_fs.stats[i].config_id for i in f.unseen})}
+        assert unseen == held
+
+
+@pytest.fixture(scope="module")
+def evaluation(truth_fs):
+    doc = fit_ensemble(truth_fs, SETTINGS)
+    opts = EvalOptions(protocols=("loco",), sparse_top_k=1, k_grid=(2,), temperatures=(0.1, 1.0), top_ks=(1, None),
+                       donor_experiment=False, sample_rows=50)
+    return evaluate(truth_fs, SETTINGS, doc, opts)
+
+
+def _metric(ev, method: str, split: str, target: str, metric: str) -> float:
+    s = ev.scores.filter((pl.col("protocol") == "loco") & (pl.col("method") == method) & (pl.col("split") == split)
+                         & (pl.col("target") == target))
+    assert s.height == 1, (method, split, target)
+    return s[metric][0]
+
+
+def test_every_method_is_scored_where_it_is_defined(evaluation):
+    ev = evaluation
+    present = set(zip(ev.scores["method"], ev.scores["split"]))
+    for m in ev.methods:
+        assert ((m.key, "seen") in present) == (m.key != "donor")
+        assert ((m.key, "unseen") in present) == (m.key != "per_config")
+    # LOCO unseen: every configuration once, all of its rows (3 dates x 1000 rows per target)
+    u = ev.by_config.filter((pl.col("method") == "global") & (pl.col("split") == "unseen") & (pl.col("target") == "beta"))
+    assert u.height == 3 and set(u["rows"].to_list()) == {3000.0}
+
+
+def test_ground_truth_transfers_through_pooled_models_not_donors(evaluation):
+    """One latency law for all configurations: a pooled fit transfers it, a donor's own law does not."""
+    ev = evaluation
+    for target in ("alpha", "beta"):
+        for method in ("global", "per_config", "rece_dense"):
+            assert 0.7 <= _metric(ev, method, "seen", target, "interval_coverage") <= 0.9
+    assert 0.7 <= _metric(ev, "global", "unseen", "alpha", "interval_coverage") <= 0.9  # alpha's law is config-free
+    assert _metric(ev, "global", "unseen", "beta", "rel_pinball") < 0.8 * _metric(ev, "donor", "unseen", "beta", "rel_pinball")
+
+
+def test_rece_with_one_configuration_per_specialist_is_the_donor(evaluation):
+    """K=2 on 2 training configurations: each specialist is one configuration's own fit, so top-1
+    mixing is exactly the nearest donor, and at T=0.1 dense mixing (cosines +-c) nearly so."""
+    for target in ("alpha", "beta"):
+        for metric in ("rel_pinball", "interval_coverage", "mape_p50"):
+            donor = _metric(evaluation, "donor", "unseen", target, metric)
+            assert _metric(evaluation, "rece_top1", "unseen", target, metric) == pytest.approx(donor, rel=1e-9)
+            assert _metric(evaluation, "rece_dense", "unseen", target, metric) == pytest.approx(donor, rel=1e-3)
+
+
+def test_sweep_and_embedding_check_cover_the_grid(evaluation):
+    ev = evaluation
+    sw = ev.sweep
+    assert sw.folds == 3
+    assert set(sw.grid["top_k"].to_list()) == {"1", "dense"} and set(sw.grid["temperature"].to_list()) == {0.1, 1.0}
+    best = sw.grid.sort("criterion").row(0, named=True)
+    assert sw.chosen["criterion"] == pytest.approx(best["criterion"])
+    chk = ev.embedding
+    assert len(chk.emb_distance) == 3 and set(chk.behaviour_distance) == {"alpha", "beta"}
+    assert chk.clusters["K"].to_list() == [2]
