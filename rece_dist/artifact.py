@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
+from importlib import metadata
 from typing import Any, Mapping
 
 from .errors import ArtifactError
@@ -30,16 +32,36 @@ from .errors import ArtifactError
 SCHEMA_VERSION = "rece-artifact/1"
 
 
-def canonical_bytes(doc: Mapping[str, Any]) -> bytes:
-    """The one serialisation that is hashed and published (sorted keys, no spaces)."""
+def canonical_json(doc: Any, what: str = "document") -> bytes:
+    """The one serialisation that is hashed and published: sorted keys, no whitespace, and no
+    NaN/Infinity (they are not JSON, and Go's decoder rejects them)."""
     try:
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    except ValueError as exc:
-        raise ArtifactError(f"artifact holds a non-finite number ({exc}); refusing to write it") from None
+    except (TypeError, ValueError) as exc:
+        raise ArtifactError(f"the {what} is not plain JSON data ({exc}); refusing to write it") from None
+
+
+def canonical_bytes(doc: Mapping[str, Any]) -> bytes:
+    return canonical_json(doc, "artifact document")
 
 
 def digest(doc: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_bytes(doc)).hexdigest()
+
+
+_VERSIONED_PACKAGES = ("rece-dist", "ray", "polars", "pyarrow", "numpy", "scipy", "scikit-learn", "cvxpy", "highspy",
+                       "clarabel")
+
+
+def library_versions() -> dict[str, str]:
+    """Python and the installed versions of the libraries and solvers a fit depends on."""
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
 
 
 def parse(data: bytes, where: str) -> dict[str, Any]:

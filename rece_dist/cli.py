@@ -85,7 +85,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .errors import ArtifactError
     from .publish import load_artifact
 
-    doc = load_artifact(args.artifact)
+    doc, _ = load_artifact(args.artifact)
     cfg = load_config_file(args.config)
     try:
         with open(args.input) as f:
@@ -159,6 +159,65 @@ def _cmd_donors(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .artifact import canonical_json, load
+    from .blis import golden_vectors, probe_configs
+    from .publish import ManifestMeta, publish
+
+    doc = load(args.artifact)
+    training = doc["training"]
+    meta = ManifestMeta(git_commit=training["git_commit"], settings=training["settings"], data=[],
+                        date_from=training["date_window"][0], date_to=training["date_window"][1],
+                        versions=training["versions"])
+    golden = canonical_json(golden_vectors(doc, probe_configs()), "golden vectors")
+    v = publish(args.out, doc, meta, companions={"golden.json": golden})
+    print(f"{v.version} {v.uri} (previous {v.previous})")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import os
+
+    from .artifact import canonical_json
+    from .blis import coefficient_sets, golden_vectors, probe_configs
+    from .publish import load_artifact
+
+    doc, manifest = load_artifact(args.artifact)
+    os.makedirs(args.out, exist_ok=True)
+    if args.format == "golden":
+        path = os.path.join(args.out, "golden.json")
+        with open(path, "wb") as f:
+            f.write(canonical_json(golden_vectors(doc, probe_configs()), "golden vectors"))
+        print(path)
+        return 0
+    version = manifest["version"] if manifest else "unpublished"
+    for cid, text in coefficient_sets(doc, version).items():
+        path = os.path.join(args.out, f"{cid}.yaml")
+        with open(path, "w") as f:
+            f.write(text)
+        print(path)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .artifact import summary_table
+    from .publish import load_artifact
+
+    doc, manifest = load_artifact(args.artifact)
+    t = doc["training"]
+    if manifest:
+        print(f"version {manifest['version']}  sha256 {manifest['artifact_sha256'][:16]}...  "
+              f"created {manifest.get('created_at')}  previous {manifest.get('previous')}")
+    print(f"schema {doc['schema_version']}  commit {t['git_commit'][:12]}  dates {t['date_window'][0]}..{t['date_window'][1]}"
+          f"  configurations {t['configurations']}  specialists {len(doc['specialists'])}"
+          f"  mixing T={doc['mixing']['temperature']} top-k={doc['mixing']['top_k']}")
+    for s in doc["specialists"]:
+        labels = ", ".join(doc["configurations"][c]["label"] for c in s["members"])
+        print(f"  specialist {s['id']}: {labels}")
+    print(summary_table(doc))
+    return 0
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--specialists", "-k", type=int, default=4, help="number of specialists K (default 4)")
@@ -212,6 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", required=True, help="configuration document (JSON/YAML)")
     pr.add_argument("--input", required=True, help='JSON: {"alpha": [rows], "beta": [rows]}')
     pr.set_defaults(fn=_cmd_predict)
+
+    pu = sub.add_parser("publish", help="publish an artifact.json as a new version under an artifact root")
+    pu.add_argument("--artifact", required=True, help="artifact.json to publish")
+    pu.add_argument("--out", required=True, help="artifact root: folder or s3://bucket/prefix")
+    pu.set_defaults(fn=_cmd_publish)
+
+    ex = sub.add_parser("export", help="golden test vectors or blis-registry CoefficientSet YAML per configuration")
+    ex.add_argument("--artifact", required=True, help="artifact.json, an artifact root (latest) or ROOT@v-...")
+    ex.add_argument("--format", choices=["coefficient-set", "golden"], required=True)
+    ex.add_argument("--out", required=True, help="folder to write into")
+    ex.set_defaults(fn=_cmd_export)
+
+    sh = sub.add_parser("show", help="describe an artifact: version, specialists, held-out metrics")
+    sh.add_argument("artifact", help="artifact.json, an artifact root (latest) or ROOT@v-...")
+    sh.set_defaults(fn=_cmd_show)
 
     ev = sub.add_parser("evaluate", help="validate an artifact's recipe against baselines and write an HTML report")
     ev.add_argument("--artifact", required=True, help="artifact.json, or an artifact root (uses latest)")

@@ -24,7 +24,6 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import numpy as np
@@ -417,7 +416,7 @@ def _assemble(configs, ids, emb, clus, members, fits, scales, columns, rows, cro
             "date_window": [dates[0], dates[-1]],
             "settings": settings.to_dict(),
             "settings_sha256": hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest(),
-            "versions": library_versions(),
+            "versions": artifact_mod.library_versions(),
             "git_commit": git_commit(),
         },
     }
@@ -444,17 +443,6 @@ def _held_out_metrics(doc: dict[str, Any], fs: FeatureSet, settings: TrainSettin
             m = quantile_metrics(y, vals, settings.quantiles)
             m["rows_rearranged"] = float(sum(results[i][t][2] for i in idx))
             out["held_out"][t][name] = m
-    return out
-
-
-def library_versions() -> dict[str, str]:
-    names = ["rece-dist", "ray", "polars", "pyarrow", "numpy", "scipy", "scikit-learn", "cvxpy", "highspy", "clarabel"]
-    out = {}
-    for n in names:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = "absent"
     return out
 
 

@@ -18,16 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
+import os
 import random
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Any, Iterable, Mapping, Sequence
 
+from . import artifact
+from .artifact import canonical_json, library_versions
 from .errors import ArtifactError
 from .objstore import Blob, ObjectRoot, S3Options
 from .store import Partition, Store
@@ -38,18 +39,6 @@ MANIFEST_FORMAT = 1
 LATEST = "latest"
 _VERSION_RE = re.compile(r"v-[0-9a-f]{16}")
 _MAX_SWAPS = 32
-_VERSIONED_PACKAGES = ("rece-dist", "ray", "polars", "pyarrow", "numpy", "scipy", "scikit-learn", "cvxpy", "highspy", "clarabel")
-
-
-def library_versions() -> dict[str, str]:
-    """Python and the installed versions of the libraries and solvers a fit depends on."""
-    out = {"python": platform.python_version()}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
 
 
 @dataclass(frozen=True)
@@ -72,14 +61,6 @@ class PublishedVersion:
     previous: str | None  # the version ``latest`` named before this one (from the manifest)
 
 
-def canonical_json(doc: Any, what: str = "document") -> bytes:
-    """Deterministic bytes: sorted keys, no whitespace, no NaN/Infinity (not JSON; Go rejects them)."""
-    try:
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"the {what} is not plain JSON data ({exc})") from None
-
-
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -98,8 +79,13 @@ def data_fingerprint(store: Store, partitions: Iterable[Partition]) -> list[dict
     ]
 
 
-def publish(root: str, artifact_doc: Mapping[str, Any], meta: ManifestMeta, *, s3: S3Options | None = None) -> PublishedVersion:
-    """Publish ``artifact_doc`` under ``root`` and make it ``latest``; identical content is a no-op."""
+def publish(root: str, artifact_doc: Mapping[str, Any], meta: ManifestMeta, *, s3: S3Options | None = None,
+            companions: Mapping[str, bytes] | None = None) -> PublishedVersion:
+    """Publish ``artifact_doc`` under ``root`` and make it ``latest``; identical content is a no-op.
+
+    ``companions`` are files derived deterministically from the artifact (golden vectors):
+    written into the version folder before the manifest, which records their sha256.
+    """
     if "schema_version" not in artifact_doc:
         raise ArtifactError("the artifact document has no schema_version")
     objects = ObjectRoot(root, s3)
@@ -107,8 +93,14 @@ def publish(root: str, artifact_doc: Mapping[str, Any], meta: ManifestMeta, *, s
     sha = sha256_hex(body)
     version = f"v-{sha[:16]}"
     folder = f"artifacts/{version}"
-    provenance = _provenance(version, sha, artifact_doc, meta)  # fails on bad metadata before anything is written
+    extra = dict(companions or {})
+    if {"artifact.json", "manifest.json"} & set(extra):
+        raise ArtifactError("companion files cannot be named artifact.json or manifest.json")
+    # fails on bad metadata before anything is written
+    provenance = _provenance(version, sha, artifact_doc, meta, {n: sha256_hex(d) for n, d in sorted(extra.items())})
     _put_immutable(objects, f"{folder}/artifact.json", body)
+    for name, data in sorted(extra.items()):
+        _put_immutable(objects, f"{folder}/{name}", data)
 
     for _ in range(_MAX_SWAPS):
         pointer = objects.read(LATEST)
@@ -146,6 +138,22 @@ def resolve(root: str, ref: str = LATEST, *, s3: S3Options | None = None) -> tup
     return _load(objects, ref)
 
 
+def load_artifact(ref: str, *, s3: S3Options | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What a user names on the command line: an ``artifact.json`` file (local), a folder holding
+    one, an artifact root (its ``latest``), or ``ROOT@v-...`` (that version). Returns the
+    document and, for published versions, the verified manifest."""
+    root, _, version = ref.partition("@")
+    if not ref.startswith("s3://") and not version:
+        if os.path.isfile(ref):
+            return artifact.load(ref), None
+        folder = os.path.normpath(ref)
+        if os.path.isfile(os.path.join(folder, "manifest.json")):  # a version folder: ROOT/artifacts/v-...
+            return resolve(os.path.dirname(os.path.dirname(folder)), os.path.basename(folder), s3=s3)
+        if os.path.isfile(os.path.join(folder, "artifact.json")):
+            return artifact.load(os.path.join(folder, "artifact.json")), None
+    return resolve(root, version or LATEST, s3=s3)
+
+
 def list_versions(root: str, *, s3: S3Options | None = None) -> list[str]:
     """Complete versions (artifact and manifest present) under ``root``, sorted by name."""
     objects = ObjectRoot(root, s3)
@@ -158,7 +166,8 @@ def list_versions(root: str, *, s3: S3Options | None = None) -> list[str]:
 
 
 # --- internals -------------------------------------------------------------------------------
-def _provenance(version: str, sha: str, doc: Mapping[str, Any], meta: ManifestMeta) -> dict[str, Any]:
+def _provenance(version: str, sha: str, doc: Mapping[str, Any], meta: ManifestMeta,
+                companions: Mapping[str, str]) -> dict[str, Any]:
     """The manifest minus ``created_at`` and ``previous``, which each publish attempt sets."""
     data = [dict(d) for d in meta.data]
     return {
@@ -172,6 +181,7 @@ def _provenance(version: str, sha: str, doc: Mapping[str, Any], meta: ManifestMe
         "date_window": {"from": meta.date_from, "to": meta.date_to},
         "versions": dict(meta.versions),
         "metrics": doc.get("metrics"),
+        "companions": dict(companions),
     }
 
 

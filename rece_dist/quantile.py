@@ -37,7 +37,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -77,8 +77,9 @@ class QuantileFit:
     status: str
     solver: str
     n_rows: int
-    n_solved_rows: int
-    rounds: int
+    n_solved_rows: int        # LP rows cvxpy saw in the final solve (merged, reduced; globs excluded)
+    rounds: int               # reduced-LP solves in the final stage: 1 = first globs verified,
+                              # >= 2 = fix-up rounds (incl. band doublings); 0 = one direct LP
     seconds: float
     # Diagnostics (not part of the pipeline contract).
     gap: float = 0.0          # certificate: (primal - dual) / max(|primal|, tiny) of the final LP
@@ -677,14 +678,6 @@ def _dual_value(lp: _DualLP, k: int, tau: float, Y_hi_out: float, Y_lo_out: floa
 # --------------------------------------------------------------------------- staged reduction
 
 
-@dataclass
-class _StageLP:
-    X: np.ndarray
-    y: np.ndarray
-    w: np.ndarray
-    state: np.ndarray   # 0 free, +1 fixed above (a = w), -1 fixed below (a = 0)
-
-
 class _Reducer:
     """Driver of the staged Portnoy-Koenker reduction over a backend of shards."""
 
@@ -730,7 +723,9 @@ class _Reducer:
             Lc = V * np.sqrt(np.maximum(ev, 1e-12 * max(ev.max(), 1e-300)))
             Lc = np.linalg.qr(Lc.T)[1].T
         self.Linv = np.linalg.inv(Lc)
-        self.tol = 1e-12 * (self.ymax + float(np.abs(X0 @ b).max()) + 1.0)
+        # sign tolerance: rounding level of y - x'b; accepting a wrong sign this small moves the
+        # objective by at most tol * sum(w)
+        self.tol = 1e-12 * (self.ymax + float(np.abs(X0 @ b).max())) + 1e-300
         # pilot scaled residuals for the first reduced stage: the first subset itself
         Z = X0 @ self.Linv.T
         pil_s = (y0 - X0 @ b) / np.maximum(np.sqrt(np.einsum("ij,ij->i", Z, Z)), 1e-300)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import ray
 
-from .artifact import summary_table
+from .artifact import canonical_json, summary_table
+from .blis import golden_vectors, probe_configs
 from .pipeline import TrainResult, TrainSettings, train
 from .progress import log
 from .publish import ManifestMeta, PublishedVersion, data_fingerprint, publish
@@ -38,7 +39,8 @@ def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings,
         date_to=training["date_window"][1],
         versions=training["versions"],
     )
-    version = publish(out_root, doc, meta)
+    golden = canonical_json(golden_vectors(doc, probe_configs()), "golden vectors")
+    version = publish(out_root, doc, meta, companions={"golden.json": golden})
     print(summary_table(doc))
     log(f"[train] published {version.version} -> {version.uri} ({result.seconds:.1f} s)")
     return result, version
