@@ -22,7 +22,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_quantile.py --sizes 1e5,1e6
+	$(BIN)/python bench/bench_synth.py
 
 clean:
 	rm -rf $(VENV) demo-store demo-artifacts .pytest_cache

@@ -456,7 +456,10 @@ class Engine:
         # decoding requests' progress lives in the aggregates; read it out at the end
         for i in np.flatnonzero(state == DECODE):
             gen[i] = self.pos0[i] + self.step - self.s0[i] - self.prompt[i] + 1
-        pick = lambda xs, dtype: np.asarray(xs, dtype=dtype)[seen]  # noqa: E731
+
+        def pick(xs: list, dtype: type) -> np.ndarray:
+            return np.asarray(xs, dtype=dtype)[seen]
+
         requests = {
             "arrival_us": pick(self.arrival, np.float64),
             "queued_us": queued[seen],

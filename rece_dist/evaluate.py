@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -762,18 +762,18 @@ def sweep_text(sw: Sweep) -> str:
 # --- entry points for the CLI -------------------------------------------------------------------
 
 def load_artifact_ref(ref: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """An artifact.json (or a folder holding one), or an artifact root: its latest version and the one before."""
-    from . import artifact
-    from .publish import resolve
+    """The artifact a user named (see ``publish.load_artifact``) and, for a published version,
+    the version it replaced (for drift); None for a bare artifact.json."""
+    from .publish import load_artifact, resolve
 
-    path = Path(ref)
-    if path.is_file():
-        return artifact.load(ref), None
-    if (path / "artifact.json").is_file():
-        return artifact.load(str(path / "artifact.json")), None
-    doc, manifest = resolve(ref)
-    previous = manifest.get("previous")
-    return doc, (resolve(ref, previous)[0] if previous else None)
+    doc, manifest = load_artifact(ref)
+    previous = (manifest or {}).get("previous")
+    if not previous:
+        return doc, None
+    root = ref.partition("@")[0]
+    if not root.startswith("s3://") and os.path.isfile(os.path.join(root, "manifest.json")):  # ROOT/artifacts/v-...
+        root = os.path.dirname(os.path.dirname(os.path.normpath(root)))
+    return doc, resolve(root, previous)[0]
 
 
 def settings_of(doc: Mapping[str, Any]) -> TrainSettings:

@@ -228,10 +228,10 @@ class ApiOverhead:
     client), which the generator adds between ``finished_ns`` and ``departed_ns``.
     """
 
-    base_us: float = 1500.0
-    per_prompt_token_us: float = 1.5
-    per_running_us: float = 40.0
-    delivery_us: float = 2500.0  # engine output -> client: IPC, detokenise, SSE, client parse
+    base_us: float = 800.0
+    per_prompt_token_us: float = 1.0
+    per_running_us: float = 10.0
+    delivery_us: float = 3800.0  # engine output -> client: IPC, detokenise, SSE, client parse
     noise: HeavyTailNoise = HeavyTailNoise(sigma=0.30, spike_prob=2e-3, spike_min_us=1500.0, spike_alpha=1.5, spike_cap_us=200_000.0)
 
     def deterministic_us(self, prompt_tokens: float, running_depth: int) -> float:

@@ -287,8 +287,11 @@ def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | Non
 
 
 def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | None = None,
-                 labels: dict[str, int] | None = None) -> dict[str, Any]:
+                 labels: dict[str, int] | None = None, timings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Embed, cluster and fit on the given shards (default: all); returns the artifact document.
+
+    ``timings``, if given, receives wall times of the fit phases and every LP's own seconds
+    (kept out of the artifact, whose bytes must not depend on the clock).
 
     ``labels`` fixes the specialists instead of clustering (baselines: one global group, one
     group per configuration).
@@ -334,14 +337,20 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
             fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
                                 for q in settings.quantiles]
     flat = [r for refs in fit_refs.values() for r in refs]
+    t0 = time.monotonic()
     fitted = iter(gather(flat, f"fits ({len(flat)} LPs)"))
     fits = {key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()}
+    t1 = time.monotonic()
     crossing: dict[tuple[str, int], Any] = {}
     if settings.noncrossing and len(settings.quantiles) > 1:
         keys = list(fits)
         refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
         for k, (new_fits, report) in zip(keys, gather(refs, "non-crossing")):
             fits[k], crossing[k] = new_fits, report
+    if timings is not None:
+        timings.update(fit_wall_s=t1 - t0, noncrossing_wall_s=time.monotonic() - t1,
+                       lp_seconds=[f.seconds for fl in fits.values() for f in fl],
+                       lp_rows=[f.n_rows for fl in fits.values() for f in fl])
     dates = sorted({st[i].date for i in shards})
     return _assemble(fs.configs, ids, emb, clus, members, fits, scales, columns, rows, crossing, settings, dates)
 

@@ -165,19 +165,22 @@ def _read_doc(path: Path) -> dict[str, Any]:
     return doc
 
 
-def _field(doc: dict[str, Any], path: str, where: Path, kind: type = str) -> Any:
-    """``doc[a][b]...`` for ``path = "a.b..."`` converted to ``kind``; errors name file and field."""
+def _field(doc: dict[str, Any], path: str | tuple[str, ...], where: Path, kind: type = str) -> Any:
+    """``doc[a][b]...`` for ``path = "a.b..."`` (or the keys as a tuple, when a key holds a dot)
+    converted to ``kind``; errors name the file and the field."""
+    keys = tuple(path.split(".")) if isinstance(path, str) else path
+    name = ".".join(keys)
     cur: Any = doc
-    for key in path.split("."):
+    for key in keys:
         if not isinstance(cur, dict) or key not in cur:
-            raise ConfigError(f"{where}: missing field {path}")
+            raise ConfigError(f"{where}: missing field {name}")
         cur = cur[key]
     if kind is str:
         return cur
     try:
         return kind(cur)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: field {path} is not a {kind.__name__} ({cur!r})") from None
+        raise ConfigError(f"{where}: field {name} is not a {kind.__name__} ({cur!r})") from None
 
 
 def _load_run(d: Path, catalog: Catalog) -> ReferenceRun:
@@ -210,7 +213,7 @@ def _load_run(d: Path, catalog: Catalog) -> ReferenceRun:
         num_groups=_field(prof, "data.shared_prefix.num_unique_system_prompts", prof_path, int),
         users_per_group=_field(prof, "data.shared_prefix.num_users_per_system_prompt", prof_path, int),
         prompt_quantiles=tuple(
-            (p, _field(summary, f"successes.prompt_len.{k}", summary_path, float)) for p, k in _PERCENTILE_KEYS
+            (p, _field(summary, ("successes", "prompt_len", k), summary_path, float)) for p, k in _PERCENTILE_KEYS
         ),
     )
     stage_docs = _field(prof, "load.stages", prof_path)

@@ -4,6 +4,7 @@ determinism and the realism check against the reference runs."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from rece_dist.cli import main
 from rece_dist.config import Catalog, DeploymentConfig, ServingSettings
 from rece_dist.engine import Engine, SimResult
+from rece_dist.errors import ConfigError
 from rece_dist.physics import ApiOverhead, StepModel
 from rece_dist.realism import load_reference_runs, simulate_run
 from rece_dist.store import Store
@@ -163,6 +165,10 @@ def _hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _parquet_hashes(hashes: dict[str, str]) -> set[str]:
+    return {v for k, v in hashes.items() if k.endswith(".parquet")}
+
+
 @pytest.fixture(scope="module")
 def stores(ray_local, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
@@ -186,8 +192,7 @@ def test_synth_writes_a_valid_store(stores: dict[str, Path]) -> None:
 def test_same_seed_same_bytes_different_seed_different_data(stores: dict[str, Path]) -> None:
     a, b, c = (_hashes(stores[k]) for k in "abc")
     assert a == b
-    parquet = lambda h: {v for k, v in h.items() if k.endswith(".parquet")}  # noqa: E731
-    assert not parquet(a) & parquet(c)
+    assert not _parquet_hashes(a) & _parquet_hashes(c)  # not one data file in common
 
 
 # --- realism against the reference runs (skipped when the folder is absent) -----------------
@@ -197,6 +202,16 @@ def test_generated_medians_match_a_reference_run() -> None:
     run = next(r for r in load_reference_runs(REFERENCE_RUNS) if r.name.endswith("llama-2-70b-hf-tp4-codegen"))
     comps, _ = simulate_run(run)
     assert all(c.passed for c in comps), [(c.ttft_ratio, c.tpot_ratio) for c in comps]
+
+
+@pytest.mark.skipif(not REFERENCE_RUNS.is_dir(), reason="reference runs not available")
+def test_a_broken_reference_run_names_the_file_and_field(tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "broken"
+    shutil.copytree(next(p for p in sorted(REFERENCE_RUNS.iterdir()) if p.is_dir()), run)
+    exp = run / "exp-config.yaml"
+    exp.write_text("\n".join(line for line in exp.read_text().splitlines() if not line.startswith("max_num_seqs")))
+    with pytest.raises(ConfigError, match=r"broken/exp-config\.yaml: missing field max_num_seqs"):
+        load_reference_runs(tmp_path / "runs")
 
 
 def test_check_reference_on_a_missing_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
