@@ -66,7 +66,8 @@ def _settings(args: argparse.Namespace):
 def _cmd_train(args: argparse.Namespace) -> int:
     from .runner import train_and_publish
 
-    train_and_publish(args.store, args.out, _settings(args), ray_address=args.ray_address)
+    train_and_publish(args.store, args.out, _settings(args), ray_address=args.ray_address,
+                      max_regression=None if args.force else args.max_regression)
     return 0
 
 
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--store", required=True, help="trace store: folder or s3://bucket/prefix")
     t.add_argument("--out", required=True, help="artifact root: folder or s3://bucket/prefix")
     _add_train_options(t)
+    t.add_argument("--max-regression", type=float, default=0.05,
+                   help="refuse to publish if mean held-out pinball loss is worse than latest's by more (default 0.05)")
+    t.add_argument("--force", action="store_true", help="publish without comparing against latest")
     t.set_defaults(fn=_cmd_train)
 
     d = sub.add_parser("demo", help="generate a small store if absent, train on local Ray, print a summary")

@@ -144,6 +144,7 @@ class TrainResult:
     artifact: dict[str, Any]
     partitions: list[Partition]  # every input partition (for the manifest's data fingerprint)
     seconds: float
+    features: "FeatureSet"  # still in the object store: drift checks score on the same rows
 
 
 # --- Ray tasks --------------------------------------------------------------------------------
@@ -375,7 +376,7 @@ def train(store_uri: str, settings: TrainSettings, s3: S3Options | None = None) 
     fs = featurize_store(store_uri, settings, s3)
     doc = fit_ensemble(fs, settings)
     doc["metrics"] = _held_out_metrics(doc, fs, settings)
-    return TrainResult(doc, fs.partitions, time.monotonic() - t0)
+    return TrainResult(doc, fs.partitions, time.monotonic() - t0, fs)
 
 
 def _natural(coef: np.ndarray, scale: np.ndarray, columns: np.ndarray) -> list[float]:

@@ -7,6 +7,7 @@ import ray
 
 from .artifact import canonical_json, summary_table
 from .blis import golden_vectors, probe_configs
+from .drift import gate
 from .pipeline import TrainResult, TrainSettings, train
 from .progress import log
 from .publish import ManifestMeta, PublishedVersion, data_fingerprint, publish
@@ -24,12 +25,22 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
 
 
-def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings,
-                      ray_address: str | None = None) -> tuple[TrainResult, PublishedVersion]:
-    """Train from ``store_uri`` and publish one immutable version under ``out_root``."""
+def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings, ray_address: str | None = None,
+                      max_regression: float | None = 0.05) -> tuple[TrainResult, PublishedVersion]:
+    """Train from ``store_uri`` and publish one immutable version under ``out_root``.
+
+    Unless ``max_regression`` is None, the new model is first scored against the published
+    ``latest`` on the same held-out rows and refused (``RegressionError``, nothing written)
+    if its mean pinball loss is worse by more than that fraction.
+    """
     connect_ray(ray_address)
     result = train(store_uri, settings)
     doc = result.artifact
+    if max_regression is not None:
+        report = gate(doc, result.features, out_root, max_regression)
+        if report is not None:
+            log(f"[train] against latest: {report.reason}")
+            report.raise_if_worse()
     training = doc["training"]
     meta = ManifestMeta(
         git_commit=training["git_commit"],

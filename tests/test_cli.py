@@ -59,3 +59,17 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
                  "--input", str(inp)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rece: error:") and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_nightly_gate_refuses_a_worse_model(truth_store, ray_local, tmp_path, capsys):
+    root, _ = truth_store
+    out = str(tmp_path / "artifacts")
+    assert main(["train", "--store", root, "--out", out, "--specialists", "2"]) == 0
+    (good,) = list_versions(out)
+    # one global specialist cannot give the two GPUs their own intercepts: clearly worse held out
+    assert main(["train", "--store", root, "--out", out, "--specialists", "1", "--allow-crossing"]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "beta pinball" in err
+    assert resolve(out)[1]["version"] == good and list_versions(out) == [good]
+    assert main(["train", "--store", root, "--out", out, "--specialists", "1", "--force"]) == 0
+    assert resolve(out)[1]["version"] != good and resolve(out)[1]["previous"] == good
