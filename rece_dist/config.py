@@ -393,14 +393,23 @@ def _gpu_from_doc(name: str, d: Mapping[str, Any], source: str) -> GPU:
     return GPU(name=name, **vals)
 
 
+def read_document(path: str | Path, what: str) -> Any:
+    """Parse a JSON or YAML file (YAML is a superset of JSON); name the file on any failure."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what} ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid JSON/YAML ({exc})") from None
+
+
 def load_hardware(path: Path) -> dict[str, GPU]:
     """Load a hardware catalog YAML (``gpus: {NAME: {peak_tflops: ..., ...}}``)."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: hardware catalog not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    doc = read_document(path, "hardware catalog")
     if not isinstance(doc, dict) or not isinstance(doc.get("gpus"), dict):
         raise ConfigError(f"{path}: hardware catalog needs a top-level 'gpus' mapping")
     return {name: _gpu_from_doc(name, d or {}, str(path)) for name, d in doc["gpus"].items()}
@@ -426,13 +435,5 @@ def load_hf_config(path: Path) -> ModelShape:
 
 def load_config_file(path: str | Path, catalog: Catalog | None = None) -> DeploymentConfig:
     """Read one configuration document (JSON or YAML) and resolve it against the catalog."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
-    try:
-        doc = yaml.safe_load(text)  # YAML is a superset of JSON
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid JSON/YAML ({exc})") from None
+    doc = read_document(path, "configuration file")
     return (catalog or Catalog.default()).resolve(doc, str(path))

@@ -271,10 +271,57 @@ def _weighted_level(s: np.ndarray, w: np.ndarray, offset: float, target: float) 
 
 _HIGHS_IPM_FROM = 15_000  # free columns above which a cold HiGHS solve uses IPM (+ crossover)
 
+# Statuses after which the same LP is re-solved by another route (see _DualLP.solve); a user
+# limit (time/iteration) is the caller's choice and is never retried.
+_RETRY = ("solver_error", "optimal_inaccurate", "infeasible_inaccurate", "unbounded_inaccurate")
+_INFEASIBLE = ("infeasible", "unbounded", "infeasible_inaccurate", "unbounded_inaccurate",
+               "infeasible_or_unbounded")
+
+
+def _retryable(status: str, expect_feasible: bool) -> bool:
+    if status.startswith(_RETRY):
+        return True
+    return expect_feasible and status in _INFEASIBLE
+
+
+def _cost_shift_scale(X: np.ndarray, y: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, float]:
+    """Shift g (zero outside `cols`) and power-of-two scale s of the LP costs c = (y - X g) / s.
+
+    Why: y enters the dual LP only as its cost vector, and HiGHS's dual simplex breaks down on
+    large costs ("ratio test failed due to excessive dual values", model status kNotset, which
+    cvxpy reports as a solver error): with y in microseconds (~1e6) it fails on the infeasible
+    reduced LPs the band search meets, and at ~5e6 even on feasible full LPs.  Exactness: the
+    constraints do not involve y, so scaling the costs by 1/s scales every objective by 1/s
+    (coefficients b = s b' + g, the penalty l1 |b| scales alike), and shifting y by X g with g
+    on equality (unpenalised) columns changes the objective by the constant sum_k g'rhs_k --
+    also in the joint non-crossing LP, where the mu terms of adjacent blocks telescope.  A
+    power of two makes the scaling itself exact; the shift (a least-squares fit on a subsample)
+    only centres the costs, any g is exact."""
+    m, p = X.shape
+    g = np.zeros(p)
+    if cols.size and m > cols.size:
+        step = max(1, m // 20_000)
+        try:
+            sol = np.linalg.lstsq(X[::step][:, cols], y[::step], rcond=None)[0]
+        except np.linalg.LinAlgError:  # pragma: no cover - lstsq (SVD) rarely fails
+            sol = None
+        if sol is not None and np.isfinite(sol).all():
+            g[cols] = sol
+            # never let the shift cost more precision than it saves
+            if float(np.abs(X @ g).max()) > 4.0 * float(np.abs(y).max()):
+                g[:] = 0.0
+    a = np.abs(y - X @ g)
+    big = float(a.max()) if m else 0.0
+    if not (big > 0.0 and math.isfinite(big)):
+        return g, 1.0
+    q = max(float(np.median(a)), big / 1024.0)  # typical cost ~1, largest <= ~1e3
+    return g, 2.0 ** round(math.log2(q))
+
 
 class _DualLP:
-    """max sum_k y'a_k  s.t. per block k:  X'a_k - X_{C_k}'mu_k + X_{C_{k-1}}'mu_{k-1}  =  rhs_k
-    (unpenalised columns) or within +-lam of it (penalised columns), lo <= a_k <= hi, mu >= 0.
+    """max sum_k c'a_k  s.t. per block k:  X'a_k - X_{C_k}'mu_k + X_{C_{k-1}}'mu_{k-1}  =  rhs_k
+    (unpenalised columns) or within +-lam of it (penalised columns), lo <= a_k <= hi, mu >= 0,
+    with costs c = (y - X g) / s (see `_cost_shift_scale`; `coefs` undoes it).
 
     One block (K=1, no mu) is the ordinary quantile-regression dual.  Bounds and right-hand
     sides are cvxpy Parameters so fix-up rounds and other taus re-solve the same compiled
@@ -291,6 +338,7 @@ class _DualLP:
         self.m, self.p, self.K = m, p, K
         self.solver = solver
         self.solver_options = dict(solver_options or {})
+        self.fallbacks: list[str] = []   # routes other than the primary that produced a result
         self.X, self.y = X, y
         self.lo = [cp.Parameter(m, name=f"lo{k}") for k in range(K)]
         self.hi = [cp.Parameter(m, name=f"hi{k}") for k in range(K)]
@@ -302,6 +350,9 @@ class _DualLP:
         U = np.flatnonzero(~pen)
         P = np.flatnonzero(pen)
         self.U, self.P = U, P
+        any_lam = any(float(lam) > 0 for lam in lams)
+        self.g, self.s = _cost_shift_scale(X, y, U if any_lam else np.arange(p))
+        cost = (y - X @ self.g) / self.s
         self.cons_eq, self.cons_up, self.cons_lo = [], [], []
         cons = []
         for k in range(K):
@@ -323,7 +374,7 @@ class _DualLP:
                 cons += [cu, cl]
             self.cons_eq.append((eqi, ce))
             self.cons_up.append((pi, cu, cl))
-        self.problem = cp.Problem(cp.Maximize(sum(y @ self.a[k] for k in range(K))), cons)
+        self.problem = cp.Problem(cp.Maximize(sum(cost @ self.a[k] for k in range(K))), cons)
         self.solves = 0
 
     def set(self, k: int, lo: np.ndarray, hi: np.ndarray, rhs: np.ndarray) -> None:
@@ -331,29 +382,72 @@ class _DualLP:
         self.hi[k].value = hi
         self.rhs[k].value = rhs
 
-    def solve(self, n_free: int, warm: bool) -> str:
-        cp = self.cp
-        opts = dict(self.solver_options)
-        solver = self.solver
+    def _options(self, solver: str, n_free: int, warm: bool, algo: str | None = None) -> dict:
+        opts = dict(self.solver_options) if solver == self.solver else {}
         if solver == "HIGHS":
             hopts = dict(opts.pop("highs_options", {}))
-            user_algo = "solver" in hopts or "solver" in opts
-            if not user_algo:
+            if algo is not None:
+                opts.pop("solver", None)
+                hopts["solver"] = algo
+            elif "solver" not in hopts and "solver" not in opts:
                 hopts["solver"] = "simplex" if (warm or n_free <= _HIGHS_IPM_FROM) else "ipm"
+            # presolve finds nothing to remove in this LP (p dense equality rows, boxed columns)
+            # but costs O(columns) work per solve: 1.0 of 1.1 s at 10,800 columns (measured)
+            if "presolve" not in hopts and "presolve" not in opts:
+                hopts["presolve"] = "off"
             opts["highs_options"] = hopts
         elif solver == "CLARABEL":
             for key, val in (("tol_gap_abs", 1e-10), ("tol_gap_rel", 1e-10), ("tol_feas", 1e-10),
                              ("tol_ktratio", 1e-8), ("max_iter", 400)):
                 opts.setdefault(key, val)
+        if solver != self.solver and "verbose" in self.solver_options:
+            opts["verbose"] = self.solver_options["verbose"]
+        return opts
+
+    def _run(self, solver: str, opts: dict, warm: bool) -> str:
+        cp = self.cp
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.problem.solve(solver=solver, warm_start=warm, **opts)
         except cp.error.SolverError as exc:  # solver crashed or is not installed
-            self.solves += 1
             return f"solver_error: {exc}"
-        self.solves += 1
+        finally:
+            self.solves += 1
         return str(self.problem.status)
+
+    def _routes(self, n_free: int, warm: bool):
+        """Other ways to solve the same LP, tried in order after a solver failure."""
+        import cvxpy as cp
+
+        installed = set(cp.installed_solvers())
+        if self.solver == "HIGHS":
+            opts = self._options("HIGHS", n_free, warm)
+            algo = opts["highs_options"].get("solver", opts.get("solver", "choose"))
+            other = "ipm" if algo != "ipm" else "simplex"
+            yield f"HIGHS({other})", "HIGHS", self._options("HIGHS", n_free, False, algo=other)
+        for name in ("CLARABEL", "HIGHS"):
+            if name != self.solver and name in installed:
+                yield name, name, self._options(name, n_free, False)
+
+    def solve(self, n_free: int, warm: bool, expect_feasible: bool = False) -> str:
+        """Solve; on a solver failure (or an infeasible verdict on an LP known to be feasible)
+        re-solve the same LP by the next route: the other HiGHS algorithm, then the other solver.
+        The route is recorded in `fallbacks`; every answer is still verified by the caller."""
+        status = self._run(self.solver, self._options(self.solver, n_free, warm), warm)
+        if not _retryable(status, expect_feasible):
+            return status
+        tried = []
+        for label, name, opts in self._routes(n_free, warm):
+            _log.info("LP on %d rows: %s returned %r; re-solving with %s", self.m, self.solver,
+                      status[:80], label)
+            st = self._run(name, opts, False)
+            if not _retryable(st, expect_feasible):
+                if label not in self.fallbacks:
+                    self.fallbacks.append(label)
+                return st
+            tried.append(f"{label}: {st[:60]}")
+        return f"{status} (re-solves: {'; '.join(tried)})" if tried else status
 
     def coefs(self, k: int) -> np.ndarray:
         b = np.zeros(self.p)
@@ -364,10 +458,16 @@ class _DualLP:
         if cu is not None:
             b[pi] = (np.asarray(cu.dual_value, dtype=np.float64).ravel()
                      - np.asarray(cl.dual_value, dtype=np.float64).ravel())
-        return b
+        return self.s * b + self.g
 
     def avalue(self, k: int) -> np.ndarray:
         return np.asarray(self.a[k].value, dtype=np.float64).ravel()
+
+
+def _solver_label(solver: str, fallbacks: Sequence[str]) -> str:
+    """The fit's `solver` field: the requested solver, plus '+route' for every fallback route
+    (e.g. 'HIGHS+HIGHS(ipm)', 'HIGHS+CLARABEL') that solved one of its LPs."""
+    return "+".join([solver, *dict.fromkeys(fallbacks)])
 
 
 def _solver_name(solver: str) -> str:
@@ -663,8 +763,9 @@ def _direct_lp(X, y, w, tau, pen, lam, solver, solver_options, lp: _DualLP | Non
         lp = _DualLP(Xd, yd, pen, [lam], solver, solver_options)
         lp.w = wd
     m = lp.m
+    lp.fallbacks = []  # per fit (the LP may be reused across taus)
     lp.set(0, np.zeros(m), lp.w.copy(), (1.0 - tau) * (lp.w @ lp.X))
-    status = lp.solve(m, warm=False)
+    status = lp.solve(m, warm=False, expect_feasible=True)  # a = (1 - tau) w is feasible
     if status != "optimal":
         return None, lp, m, status
     return lp.coefs(0), lp, m, status
@@ -688,6 +789,7 @@ class _Reducer:
         self.tau, self.pen, self.l1 = tau, pen, l1
         self.solver, self.solver_options, self.seed, self.o = solver, solver_options, seed, opts
         self.lp_solves = 0
+        self.fallbacks: list[str] = []   # fallback routes used by any LP of this fit
 
     # -- schedule: nested subsets n_0 < n_1 < ... < n_K = n, ratio <= growth
     def schedule(self) -> list[int]:
@@ -712,17 +814,10 @@ class _Reducer:
         b, lp, m0, status = _direct_lp(X0, y0, w0, t, self.pen, self.l1 * W0, self.solver,
                                        self.solver_options)
         self.lp_solves += 1
+        self.fallbacks += lp.fallbacks
         if status != "optimal":
             raise _fail(t, X0.shape[0], self.solver, status, "first-stage LP")
-        G = (X0 * w0[:, None]).T @ X0
-        G += np.eye(self.p) * (1e-12 * max(np.trace(G) / self.p, 1e-300))
-        try:
-            Lc = np.linalg.cholesky(G)
-        except np.linalg.LinAlgError:
-            ev, V = np.linalg.eigh(G)
-            Lc = V * np.sqrt(np.maximum(ev, 1e-12 * max(ev.max(), 1e-300)))
-            Lc = np.linalg.qr(Lc.T)[1].T
-        self.Linv = np.linalg.inv(Lc)
+        self.Linv = self.band_metric(lp, b)
         # sign tolerance: rounding level of y - x'b; accepting a wrong sign this small moves the
         # objective by at most tol * sum(w)
         self.tol = 1e-12 * (self.ymax + float(np.abs(X0 @ b).max())) + 1e-300
@@ -741,6 +836,51 @@ class _Reducer:
         info["stages"] = len(sizes) - 1
         info["b"] = b
         return info
+
+    def band_metric(self, lp: _DualLP, b: np.ndarray) -> np.ndarray:
+        """Linv with ||Linv x||^2 proportional to the variance of x'b of the first-stage fit,
+        which scales the residuals that place the band (s = r / ||Linv x||).
+
+        Sandwich H^-1 J H^-1 with J = X'WX and H = X'W diag(f) X, f_i the conditional density
+        of y at its tau-quantile given x_i, estimated by Hendricks-Koenker difference quotients
+        2h / x_i'(b(tau+h) - b(tau-h)) (Hall-Sheather h; two warm re-solves of the first-stage
+        LP).  Homoscedastic data give back J^-1 up to a constant; where the spread of y depends
+        on x (a rare group with bimodal latencies, say) the band widens there.  J^-1 alone puts
+        such a group's rows outside the band, the reduced LP goes infeasible (its coefficients
+        unbounded) and the band doubles until nearly every row is in it.  Only the band's shape
+        depends on this: the signs are verified and the answer is exact either way."""
+        t, p = self.tau, self.p
+        X0, w0 = lp.X, lp.w
+        J = (X0 * w0[:, None]).T @ X0
+        J += np.eye(p) * (1e-12 * max(np.trace(J) / p, 1e-300))
+        Lj = _chol_psd(J)
+        h = _hall_sheather(t, X0.shape[0])
+        bq = []
+        for tq in (t - h, t + h):
+            lp.set(0, np.zeros(lp.m), w0.copy(), (1.0 - tq) * (w0 @ X0))
+            nfb = len(lp.fallbacks)
+            status = lp.solve(lp.m, warm=True, expect_feasible=True)
+            self.fallbacks += lp.fallbacks[nfb:]
+            self.lp_solves += 1
+            if status != "optimal":
+                break
+            bq.append(lp.coefs(0))
+        if len(bq) == 2:
+            dq = X0 @ (bq[1] - bq[0])
+            pos = dq > 0
+            if pos.sum() > p:
+                floor = 0.01 * float(np.median(dq[pos]))
+                f = np.where(pos, 2.0 * h / np.maximum(dq, floor), 0.0)
+                H = (X0 * (w0 * f)[:, None]).T @ X0
+                H += np.eye(p) * (1e-12 * max(np.trace(H) / p, 1e-300))
+                try:
+                    C = np.linalg.solve(H, Lj)      # H^-1 J H^-1 = C C'
+                except np.linalg.LinAlgError:
+                    C = None
+                if C is not None and np.isfinite(C).all():
+                    return np.ascontiguousarray(C.T)
+        _log.debug("band metric: density estimate unavailable, using (X'WX)^-1")
+        return np.linalg.inv(Lj)
 
     def stage(self, frac, b_prev, n_prev, pil_s, pil_w, pilot_frac):
         t, p, o = self.tau, self.p, self.o
@@ -809,7 +949,10 @@ class _Reducer:
             lo = np.where(Ls > 0, Lw, 0.0)
             hi = np.where(Ls < 0, 0.0, Lw)
             lp.set(0, lo, hi, rhs_base - Sx_hi)
-            status = lp.solve(int((Ls == 0).sum()), warm=warm)
+            # with every row of the stage in the LP (final) it is feasible: a = (1 - tau) w
+            nfb = len(lp.fallbacks)
+            status = lp.solve(int((Ls == 0).sum()), warm=warm, expect_feasible=final)
+            self.fallbacks += lp.fallbacks[nfb:]
             self.lp_solves += 1
             self.stage_rounds += 1
             rounds += 1
@@ -888,6 +1031,27 @@ class _NoReduction(Exception):
     pass
 
 
+def _chol_psd(G: np.ndarray) -> np.ndarray:
+    """Lower-triangular L with L L' = G (G symmetric PSD, eigenvalues floored if need be)."""
+    try:
+        return np.linalg.cholesky(G)
+    except np.linalg.LinAlgError:
+        ev, V = np.linalg.eigh(G)
+        Lc = V * np.sqrt(np.maximum(ev, 1e-12 * max(ev.max(), 1e-300)))
+        return np.linalg.qr(Lc.T)[1].T
+
+
+def _hall_sheather(tau: float, n: int, alpha: float = 0.05) -> float:
+    """Hall-Sheather bandwidth (as in R quantreg's summary.rq), kept inside (0, 1)."""
+    from statistics import NormalDist
+
+    nd = NormalDist()
+    x = nd.inv_cdf(tau)
+    h = (n ** (-1.0 / 3.0) * nd.inv_cdf(1.0 - alpha / 2.0) ** (2.0 / 3.0)
+         * (1.5 * nd.pdf(x) ** 2 / (2.0 * x * x + 1.0)) ** (1.0 / 3.0))
+    return min(h, 0.5 * min(tau, 1.0 - tau))
+
+
 def _aggregate_classify(res: list[dict], p: int) -> dict:
     agg = {key: sum(r[key] for r in res) for key in
            ("n_st", "W_st", "Sx_st", "Sx_lo", "Sy_lo", "W_lo", "Sx_hi", "Sy_hi", "W_hi")}
@@ -951,7 +1115,7 @@ def _fit_validated(X, y, w, tau, pen, l1, solver, reduce, seed, solver_options, 
             pass
         else:
             return QuantileFit(tau=tau, coef=info["b"], objective=info["F"] / W, status="optimal",
-                               solver=solver, n_rows=n, n_solved_rows=int(info["n_lp"]),
+                               solver=_solver_label(solver, red.fallbacks), n_rows=n, n_solved_rows=int(info["n_lp"]),
                                rounds=int(info["rounds"]), seconds=time.perf_counter() - t0,
                                gap=float(info["gap"]), stages=int(info["stages"]),
                                lp_solves=red.lp_solves)
@@ -975,9 +1139,10 @@ def _fit_direct(X, y, w, tau, pen, l1, solver, solver_options, t0, lp=None) -> Q
         raise SolverError(
             f"quantile LP for tau={tau:g} on {n} rows: solver {solver} reported 'optimal' but the "
             f"duality-gap certificate failed (relative gap {gap:.3g})")
-    return QuantileFit(tau=tau, coef=b, objective=F / W, status="optimal", solver=solver, n_rows=n,
-                       n_solved_rows=m, rounds=0, seconds=time.perf_counter() - t0, gap=float(gap),
-                       stages=0, lp_solves=1), lp
+    return QuantileFit(tau=tau, coef=b, objective=F / W, status="optimal",
+                       solver=_solver_label(solver, lp.fallbacks), n_rows=n, n_solved_rows=m,
+                       rounds=0, seconds=time.perf_counter() - t0, gap=float(gap), stages=0,
+                       lp_solves=1), lp
 
 
 def fit_quantile_sharded(shards, tau, *, l1=0.0, penalize=None, solver="HIGHS", seed=0,
@@ -1026,8 +1191,8 @@ def fit_quantile_sharded(shards, tau, *, l1=0.0, penalize=None, solver="HIGHS", 
         # rows with zero weight were dropped from the gather; they do not change the objective
         return replace(fit, n_rows=n, objective=fit.objective * float(wa.sum()) / W)
     b = info["b"]
-    return QuantileFit(tau=tau, coef=b, objective=info["F"] / W, status="optimal", solver=solver,
-                       n_rows=n, n_solved_rows=int(info["n_lp"]), rounds=int(info["rounds"]),
+    return QuantileFit(tau=tau, coef=b, objective=info["F"] / W, status="optimal",
+                       solver=_solver_label(solver, red.fallbacks), n_rows=n, n_solved_rows=int(info["n_lp"]), rounds=int(info["rounds"]),
                        seconds=time.perf_counter() - t0, gap=float(info["gap"]),
                        stages=int(info["stages"]), lp_solves=red.lp_solves)
 
@@ -1145,6 +1310,7 @@ def _resolve_validated(X, y, w, fits, pen, l1, solver, solver_options, max_round
     side = np.where(R0 < 0, 1, -1).astype(np.int8)   # R0 = pred - y < 0  <=> residual > 0
     ymax = float(np.abs(y).max())
     rounds = 0
+    fallbacks: list[str] = []
     while True:
         rounds += 1
         if rounds > max_rounds:
@@ -1168,6 +1334,7 @@ def _resolve_validated(X, y, w, fits, pen, l1, solver, solver_options, max_round
             Ylo.append(float(w[lo_out] @ y[lo_out]))
             lp.set(k, np.zeros(Ridx.size), wR.copy(), (1.0 - t) * (w @ X) - Sx_hi)
         status = lp.solve(Ridx.size * K, warm=False)
+        fallbacks += lp.fallbacks
         if status != "optimal":
             raise SolverError(
                 f"non-crossing joint LP for taus={taus} on {Ridx.size} of {n} rows: solver "
@@ -1202,7 +1369,7 @@ def _resolve_validated(X, y, w, fits, pen, l1, solver, solver_options, max_round
     new = {}
     for j, i in enumerate(order):
         new[i] = QuantileFit(tau=taus[j], coef=Bn[:, j].copy(), objective=Fk[j] / W, status="optimal",
-                             solver=solver, n_rows=n, n_solved_rows=int(inR.sum()), rounds=rounds,
+                             solver=_solver_label(solver, fallbacks), n_rows=n, n_solved_rows=int(inR.sum()), rounds=rounds,
                              seconds=secs, gap=float(gap), stages=0, lp_solves=rounds)
     report = CrossingReport(taus=tuple(taus), before=before, after=after, rounds=rounds,
                             constraints=int(sum(len(c) for c in cross)))

@@ -87,7 +87,7 @@ def test_config_id_changes_with_every_setting(catalog: Catalog) -> None:
 def test_malformed_hardware_file_names_the_file(tmp_path: Path) -> None:
     hw = tmp_path / "hw.yaml"
     hw.write_text("gpus: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"hw\.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"hw\.yaml: not valid JSON/YAML"):
         Catalog.default(hardware_file=hw)
     hw.write_text("gpus:\n  X1:\n    peak_tflops: 100\n")
     with pytest.raises(ConfigError, match=r"hw\.yaml: GPU 'X1' is missing field\(s\) hbm_tbps"):
