@@ -33,7 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -50,6 +50,10 @@ from .pipeline import TARGETS, FeatureSet, TrainSettings, evaluate_shard, fit_en
 from .progress import gather, log
 from .specialists import Embedding, cluster
 
+if TYPE_CHECKING:
+    from .donors import DonorExperiment
+    from .drift import DriftReport
+
 PROTOCOLS = ("loco", "logo", "lomo", "temporal")
 PROTOCOL_TITLES = {
     "loco": "leave one configuration out",
@@ -59,7 +63,6 @@ PROTOCOL_TITLES = {
     "cv": "grouped cross-validation over configurations",
 }
 SPLITS = ("seen", "unseen")
-FIT_KINDS = ("rece", "global", "per_config")
 
 
 class EvaluationError(ReceError):
@@ -88,8 +91,8 @@ GROUP_OF: dict[str, Callable[[DeploymentConfig], str]] = {
 }
 
 
-def _short(cfg: DeploymentConfig) -> str:
-    """A label short enough for a plot axis."""
+def short_label(cfg: DeploymentConfig) -> str:
+    """Model, GPU and TP: short enough for a plot axis, and what tells most configurations apart."""
     return f"{cfg.model.name}/{cfg.gpu.name}/tp{cfg.serving.tp}"
 
 
@@ -202,12 +205,15 @@ class Fitter:
         if todo:
             log(f"[evaluate] {label}: {len(todo)} fit(s) ({len(keys) - len(todo)} reused)")
             t0, done = time.monotonic(), 0
-            with ThreadPoolExecutor(max_workers=self.parallel) as pool:
+            pool = ThreadPoolExecutor(max_workers=self.parallel)
+            try:
                 for key, doc in zip(todo, pool.map(self._fit, todo)):
                     with self._lock:
                         self.docs[key] = doc
                     done += 1
                     log(f"[evaluate] {label}: fit {done}/{len(todo)} done ({time.monotonic() - t0:.0f} s)")
+            finally:  # on Ctrl-C or an error, drop the fits not yet started instead of running them all
+                pool.shutdown(wait=False, cancel_futures=True)
         return [self.docs[k] for k in keys]
 
 
@@ -506,7 +512,7 @@ def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings:
 class Sweep:
     """Unseen metrics over a grid of (K, temperature, top-k) from grouped CV over configurations."""
 
-    grid: pl.DataFrame      # one row per (K, T, top_k, target), plus target "both" holding the criterion
+    grid: pl.DataFrame      # one row per (K, T, top_k, target): that target's metrics and the shared criterion
     chosen: dict[str, Any]  # K, temperature, top_k (None: dense), criterion
     folds: int
 
@@ -521,16 +527,16 @@ def sweep(fitter: Fitter, folds: Sequence[Fold], k_grid: Sequence[int], temperat
 
     The criterion is relative pinball loss averaged over held-out configurations, then over
     targets: one number per grid point, since the mixing settings are shared by both targets.
-    Top-k values at or above a fit's number of specialists equal dense mixing and are skipped.
+    Top-k values at or above K equal dense mixing and are skipped; a fold whose clustering found
+    fewer than top-k specialists mixes all of them, so every grid point covers every fold.
     """
     reqs = [FitRequest(f.train, "rece", K) for f in folds for K in k_grid]
     docs = fitter.fit_many(reqs, "sweep fits")
     jobs, params = [], {}
     for (fold, K), doc in zip(((f, K) for f in folds for K in k_grid), docs):
-        k_eff = len(doc["specialists"])
         for T in temperatures:
             for top_k in top_ks:
-                if top_k is not None and top_k >= k_eff:
+                if top_k is not None and top_k >= K:
                     continue
                 key = _grid_key(K, T, top_k)
                 params[key] = {"K": K, "temperature": float(T), "top_k": top_k}
@@ -548,7 +554,7 @@ def sweep(fitter: Fitter, folds: Sequence[Fold], k_grid: Sequence[int], temperat
 
 
 def choose(criteria: pl.DataFrame) -> dict[str, Any]:
-    """The grid point with the lowest criterion (ties: first in name order, i.e. smaller K)."""
+    """The grid point with the lowest criterion (ties: first in name order)."""
     return criteria.sort(["criterion", "method"]).row(0, named=True)
 
 
@@ -602,15 +608,15 @@ class Evaluation:
     samples: list[Sample]
     embedding: EmbeddingCheck | None
     sweep: Sweep | None
-    donors: Any = None             # donors.DonorExperiment
-    drift: Any = None              # drift.DriftReport
+    donors: DonorExperiment | None = None
+    drift: DriftReport | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
 def config_attrs(configs: Mapping[str, DeploymentConfig]) -> dict[str, dict[str, str]]:
-    return {c: {"gpu": cfg.gpu.name, "model": cfg.model.name, "label": cfg.label, "short": _short(cfg)}
-            for c, cfg in configs.items()}
+    """What ``aggregate`` can group by besides Cell fields."""
+    return {c: {"gpu": cfg.gpu.name, "model": cfg.model.name} for c, cfg in configs.items()}
 
 
 def _samples(cells: Sequence[Cell], protocol: str, rows: int, seed: int) -> list[Sample]:
@@ -621,9 +627,9 @@ def _samples(cells: Sequence[Cell], protocol: str, rows: int, seed: int) -> list
             by.setdefault((c.config_id, c.target), {})[c.method] = c
     out = []
     for (cid, t), per_method in sorted(by.items()):
-        n = len(next(iter(per_method.values())).y)
-        idx = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
         first = next(iter(per_method.values()))
+        n = len(first.y)
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
         out.append(Sample(protocol, cid, t, first.y[idx], {m: c.values[idx] for m, c in per_method.items()}))
     return out
 

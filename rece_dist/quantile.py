@@ -10,9 +10,15 @@ where rho_tau(r) = max(tau*r, (tau-1)*r).  cvxpy only ever sees a small problem:
   -(1-tau)w <= d <= tau*w  (written with a = d + (1-tau)w in [0, w]); the coefficients are the
   multipliers of its p constraints.  Measured on this machine (p=21, tau=0.9, cvxpy 1.9 + HiGHS
   1.16): 0.3 s dual vs 14 s primal at 1e4 rows, 1.1 s vs 26 s at 3e4 -- see bench/.
+  y enters only as the cost vector, which is centred and scaled by a power of two before
+  HiGHS sees it (exact; HiGHS's dual simplex fails on costs ~1e6, e.g. latencies in
+  microseconds); a solver failure is re-solved by another route (HiGHS IPM, CLARABEL), named
+  in the fit's `solver` field.
 * **Duplicate rows** (identical x and y) become one row with the summed weight.
 * **Portnoy-Koenker globbing, in stages.**  Given a preliminary fit, rows whose scaled residual
-  r_i / sqrt(x_i'(X'WX)^-1 x_i) lies confidently above (below) the tau-quantile band are
+  r_i / sqrt(Var x_i'b) (a sandwich variance with Hendricks-Koenker local densities, so that
+  heteroscedastic data get a band that widens where y spreads) lies confidently above (below)
+  the tau-quantile band are
   "globbed": their dual variable is fixed at its bound (a_i = w_i above, 0 below), which is the
   y = +-infinity limit of R quantreg's pseudo-observation and enters the LP only through the
   right-hand side (sum of w_i x_i).  The reduced objective is a lower bound of the full one that
@@ -269,7 +275,10 @@ def _weighted_level(s: np.ndarray, w: np.ndarray, offset: float, target: float) 
 # --------------------------------------------------------------------------- the LP in cvxpy
 
 
-_HIGHS_IPM_FROM = 15_000  # free columns above which a cold HiGHS solve uses IPM (+ crossover)
+# free columns above which a cold HiGHS solve uses IPM (+ crossover).  With presolve off and
+# scaled costs the dual simplex wins up to ~1e5 columns (bench data, p=21: 1.1 vs 1.8 s at 4e4,
+# 3.2 vs 3.6 s at 8e4, 8.8 vs 7.5 s at 1.6e5; the 1e6-row fit's 31k-row final LP 1.3 vs 1.7 s).
+_HIGHS_IPM_FROM = 100_000
 
 # Statuses after which the same LP is re-solved by another route (see _DualLP.solve); a user
 # limit (time/iteration) is the caller's choice and is never retried.
@@ -431,9 +440,10 @@ class _DualLP:
                 yield name, name, self._options(name, n_free, False)
 
     def solve(self, n_free: int, warm: bool, expect_feasible: bool = False) -> str:
-        """Solve; on a solver failure (or an infeasible verdict on an LP known to be feasible)
+        """Solve; after a solver failure (or an infeasible verdict on an LP known to be feasible)
         re-solve the same LP by the next route: the other HiGHS algorithm, then the other solver.
-        The route is recorded in `fallbacks`; every answer is still verified by the caller."""
+        A user limit of the primary solve is final.  A route that produced the returned result
+        is recorded in `fallbacks`; every answer is still verified by the caller."""
         status = self._run(self.solver, self._options(self.solver, n_free, warm), warm)
         if not _retryable(status, expect_feasible):
             return status
@@ -442,12 +452,12 @@ class _DualLP:
             _log.info("LP on %d rows: %s returned %r; re-solving with %s", self.m, self.solver,
                       status[:80], label)
             st = self._run(name, opts, False)
-            if not _retryable(st, expect_feasible):
+            if st == "optimal" or (st in _INFEASIBLE and not _retryable(st, expect_feasible)):
                 if label not in self.fallbacks:
                     self.fallbacks.append(label)
                 return st
             tried.append(f"{label}: {st[:60]}")
-        return f"{status} (re-solves: {'; '.join(tried)})" if tried else status
+        return f"{status} (re-solved: {'; '.join(tried)})" if tried else status
 
     def coefs(self, k: int) -> np.ndarray:
         b = np.zeros(self.p)
@@ -817,7 +827,7 @@ class _Reducer:
         self.fallbacks += lp.fallbacks
         if status != "optimal":
             raise _fail(t, X0.shape[0], self.solver, status, "first-stage LP")
-        self.Linv = self.band_metric(lp, b)
+        self.Linv = self.band_metric(lp)
         # sign tolerance: rounding level of y - x'b; accepting a wrong sign this small moves the
         # objective by at most tol * sum(w)
         self.tol = 1e-12 * (self.ymax + float(np.abs(X0 @ b).max())) + 1e-300
@@ -837,7 +847,7 @@ class _Reducer:
         info["b"] = b
         return info
 
-    def band_metric(self, lp: _DualLP, b: np.ndarray) -> np.ndarray:
+    def band_metric(self, lp: _DualLP) -> np.ndarray:
         """Linv with ||Linv x||^2 proportional to the variance of x'b of the first-stage fit,
         which scales the residuals that place the band (s = r / ||Linv x||).
 
@@ -1063,14 +1073,18 @@ def _aggregate_classify(res: list[dict], p: int) -> dict:
 # --------------------------------------------------------------------------- public fits
 
 
-_AUTO_REDUCE_FROM = 6_000
+# rows above which reduce="auto" stages the fit.  Below, one direct LP is as fast (bench data and
+# trace-generator data, p = 16-21, 2 shared cores: 0.3 s direct vs 0.65 s staged at 1e4, about
+# even at 2e4, 1.3-2.0 s vs 0.9-1.4 s at 4e4): the staged path has a floor of ~0.5 s (first-stage
+# LP and its two density re-solves, a compile of the reduced LP, the verify pass).
+_AUTO_REDUCE_FROM = 20_000
 
 
 def fit_quantile(X, y, tau, *, weights=None, l1=0.0, penalize=None, solver="HIGHS",
                  reduce="auto", seed=0, solver_options: dict | None = None) -> QuantileFit:
     """Exact weighted (optionally L1-penalised) linear quantile regression.
 
-    reduce: "auto" (staged Portnoy-Koenker reduction above 6,000 rows), "always", "never", or a
+    reduce: "auto" (staged Portnoy-Koenker reduction above 20,000 rows), "always", "never", or a
     `ReduceOptions`.  solver: a cvxpy LP solver name (HIGHS default; CLARABEL alternative).
     solver_options are passed to cvxpy's solve (e.g. {"highs_options": {"time_limit": 60}}).
     """
@@ -1115,7 +1129,8 @@ def _fit_validated(X, y, w, tau, pen, l1, solver, reduce, seed, solver_options, 
             pass
         else:
             return QuantileFit(tau=tau, coef=info["b"], objective=info["F"] / W, status="optimal",
-                               solver=_solver_label(solver, red.fallbacks), n_rows=n, n_solved_rows=int(info["n_lp"]),
+                               solver=_solver_label(solver, red.fallbacks), n_rows=n,
+                               n_solved_rows=int(info["n_lp"]),
                                rounds=int(info["rounds"]), seconds=time.perf_counter() - t0,
                                gap=float(info["gap"]), stages=int(info["stages"]),
                                lp_solves=red.lp_solves)
@@ -1192,7 +1207,8 @@ def fit_quantile_sharded(shards, tau, *, l1=0.0, penalize=None, solver="HIGHS", 
         return replace(fit, n_rows=n, objective=fit.objective * float(wa.sum()) / W)
     b = info["b"]
     return QuantileFit(tau=tau, coef=b, objective=info["F"] / W, status="optimal",
-                       solver=_solver_label(solver, red.fallbacks), n_rows=n, n_solved_rows=int(info["n_lp"]), rounds=int(info["rounds"]),
+                       solver=_solver_label(solver, red.fallbacks), n_rows=n,
+                       n_solved_rows=int(info["n_lp"]), rounds=int(info["rounds"]),
                        seconds=time.perf_counter() - t0, gap=float(info["gap"]),
                        stages=int(info["stages"]), lp_solves=red.lp_solves)
 
@@ -1369,7 +1385,8 @@ def _resolve_validated(X, y, w, fits, pen, l1, solver, solver_options, max_round
     new = {}
     for j, i in enumerate(order):
         new[i] = QuantileFit(tau=taus[j], coef=Bn[:, j].copy(), objective=Fk[j] / W, status="optimal",
-                             solver=_solver_label(solver, fallbacks), n_rows=n, n_solved_rows=int(inR.sum()), rounds=rounds,
+                             solver=_solver_label(solver, fallbacks), n_rows=n,
+                             n_solved_rows=int(inR.sum()), rounds=rounds,
                              seconds=secs, gap=float(gap), stages=0, lp_solves=rounds)
     report = CrossingReport(taus=tuple(taus), before=before, after=after, rounds=rounds,
                             constraints=int(sum(len(c) for c in cross)))

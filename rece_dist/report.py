@@ -24,7 +24,7 @@ import polars as pl  # noqa: E402
 
 from .ensemble import RECEModel  # noqa: E402
 from .evaluate import (PROTOCOL_TITLES, SPLITS, Evaluation, Method, baseline_rows, fmt,  # noqa: E402
-                       sweep_text, table_footnotes)
+                       short_label, sweep_text, table_footnotes)
 from .pipeline import TARGETS  # noqa: E402
 
 DPI = 110
@@ -87,7 +87,7 @@ def plot_errors(ev: Evaluation, table: pl.DataFrame, key: str, protocol: str, ou
     sub = table.filter((pl.col("protocol") == protocol) & (pl.col("split") == "unseen"))
     if not sub.height:
         return None
-    labels = {c: cfg.label.split("/mbt")[0] for c, cfg in ev.configs.items()} if key == "config_id" else {}
+    labels = {c: cfg.label for c, cfg in ev.configs.items()} if key == "config_id" else {}
     colors = _colors(ev.methods)
     lo, hi = ev.settings.quantiles[0], ev.settings.quantiles[-1]
     n = sub[key].n_unique()
@@ -123,7 +123,7 @@ def plot_embedding(ev: Evaluation, out: Path) -> str:
             ax.scatter(*P[i], marker="x", color="0.4", s=50)
         else:
             ax.scatter(*P[i], color=cmap(spec % 10), s=60, edgecolor="k", lw=0.5)
-        ax.annotate(ev.configs[c].label.split("/mbt")[0], P[i], fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(short_label(ev.configs[c]), P[i], fontsize=6.5, xytext=(4, 3), textcoords="offset points")
     for j, cen in enumerate(C):
         ax.scatter(*cen, marker="*", s=260, color=cmap(j % 10), edgecolor="k", lw=0.8, label=f"specialist {j} centroid")
     ax.scatter([], [], marker="x", color="0.4", label="not in the artifact")
@@ -155,7 +155,7 @@ def plot_intervals(ev: Evaluation, out: Path, target: str = "beta", panels: int 
         if "donor" in s.values:
             ax.plot(x, s.values["donor"][order, j50], color="tab:red", lw=1, ls="--", label="nearest donor P50")
         ax.scatter(x, s.y[order], s=6, color="k", label="observed", zorder=3)
-        ax.set(title=f"{ev.configs[s.config_id].label.split('/mbt')[0]} ({s.protocol}, unseen)\n"
+        ax.set(title=f"{ev.configs[s.config_id].label} ({s.protocol}, unseen)\n"
                      f"{inside:.0%} of these rows inside the band", xlabel="rows sorted by RECE P50",
                ylabel=f"{target} (us)")
         ax.title.set_fontsize(8)
@@ -214,7 +214,7 @@ def plot_donors(ev: Evaluation, out: Path) -> str | None:
         ax.bar(range(len(vals)), vals, color=["tab:green"] + ["tab:gray"] * (len(vals) - 1))
         ax.axhline(t.random_mean, color="k", ls="--", lw=1, label="random candidate (mean)")
         ax.axhline(t.criterion("base"), color="tab:red", ls=":", lw=1.2, label="base only")
-        ax.set_xticks(range(len(vals)), [ev.configs[c].label.split("/mbt")[0] for c in t.pool], rotation=40,
+        ax.set_xticks(range(len(vals)), [short_label(ev.configs[c]) for c in t.pool], rotation=40,
                       ha="right", fontsize=6.5)
         ax.set_title(f"trial {i + 1}: {len(t.targets)} targets, base {len(t.base)}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
@@ -342,7 +342,7 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
         parts.append(_img(images.get("donors"), "donor experiment"))
         parts.append(_table(_frame_rows(ev.donors.summary()), "unseen relative pinball on the targets"))
         parts.append(f"<p><b>{html.escape(ev.donors.verdict())}</b></p>")
-        labels = {c: cfg.label.split("/mbt")[0] for c, cfg in ev.configs.items()}
+        labels = {c: short_label(cfg) for c, cfg in ev.configs.items()}
         trials = [["trial", "targets", "base", "candidates, ranked"]]
         trials += [[d["trial"], "; ".join(d["targets"]), "; ".join(d["base"]), "; ".join(d["ranking"])]
                    for d in describe(ev.donors, labels)]

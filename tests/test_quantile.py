@@ -143,6 +143,80 @@ def test_weighted_l1_reduced_equals_full():
                full.objective) <= 1e-9
 
 
+# --------------------------------------------------------------------------- trace-like data
+
+
+def bimodal_latency(n=10_000, p=16, seed=0, big=1.4e6, base=3.5e4):
+    """Like the trace generator's training data: y in microseconds, X column-scaled to max 1,
+    bias + dense features, and a rare group (12% of rows) whose interaction columns are zero
+    outside it and whose latencies are bimodal (30% ~1.4e6 us, the rest ~3.5e4 us)."""
+    rng = np.random.default_rng(seed)
+    X = np.zeros((n, p))
+    X[:, 0] = 1.0
+    g = rng.random(n) < 0.12
+    nd = p - 5
+    X[:, 5:] = rng.random((n, nd)) ** 2
+    for j in range(1, 5):
+        X[g, j] = rng.random(g.sum()) ** 2
+    level = 0.7 + 0.5 * X[:, 5:] @ rng.uniform(0, 1, nd) / nd
+    y = base * level * (1 + 0.05 * rng.standard_normal(n))
+    hot = g & (rng.random(n) < 0.3)
+    y[hot] = big * (0.9 + 0.1 * rng.random(hot.sum()))
+    X /= np.abs(X).max(axis=0)
+    return X, y
+
+
+@pytest.mark.parametrize("seed, unit", [(5, 1.0), (4, 2.0)])
+def test_microsecond_latencies_with_bimodal_group(seed, unit):
+    """Regression: HiGHS's dual simplex failed ("ratio test failed due to excessive dual
+    values" -> SolverError) on LPs whose costs are y in microseconds: with seed 5 on the
+    all-rows LP (also reduce="never"), with seed 4 on an infeasible reduced LP.  The reduced
+    LPs went infeasible because the homoscedastic band globbed the whole high-spread group."""
+    X, y = bimodal_latency(seed=seed)
+    y = y * unit
+    pen = np.r_[False, np.ones(X.shape[1] - 1, dtype=bool)]
+    full = fit_quantile(X, y, 0.9, penalize=pen, reduce="never")
+    red = fit_quantile(X, y, 0.9, penalize=pen, reduce="always")
+    for f in (full, red):
+        assert f.status == "optimal" and f.solver == "HIGHS"   # no fallback route was needed
+        assert rel(objective(X, y, f.coef, 0.9, pen=pen), f.objective) < 1e-12
+    assert rel(red.objective, full.objective) <= 1e-9
+    assert red.n_solved_rows < len(y) / 2 and red.rounds <= 3   # the band covers the group
+
+
+def test_solver_failure_is_resolved_by_another_route(monkeypatch):
+    """A failed solve is re-solved (HiGHS IPM, then CLARABEL), named in `solver`, still exact."""
+    import rece_dist.quantile as q
+
+    X, y = heavy_tailed(8_000, p=8, seed=21)
+    ref = fit_quantile(X, y, 0.8, reduce="never")
+    run = q._DualLP._run
+
+    def failing(bad):
+        def _run(self, solver, opts, warm):
+            algo = opts.get("highs_options", {}).get("solver")
+            if solver == "HIGHS" and algo in bad:
+                self.solves += 1
+                return "solver_error: injected"
+            return run(self, solver, opts, warm)
+        return _run
+
+    monkeypatch.setattr(q._DualLP, "_run", failing({"simplex"}))
+    fit = fit_quantile(X, y, 0.8, reduce="always")
+    assert fit.solver == "HIGHS+HIGHS(ipm)"
+    assert rel(fit.objective, ref.objective) <= 1e-9
+    monkeypatch.setattr(q._DualLP, "_run", failing({"simplex", "ipm"}))
+    for mode in ("always", "never"):
+        fit = fit_quantile(X, y, 0.8, reduce=mode)
+        assert fit.solver == "HIGHS+CLARABEL"
+        assert rel(fit.objective, ref.objective) <= 1e-9
+    monkeypatch.undo()
+    # a user limit is the caller's choice: not retried
+    with pytest.raises(SolverError, match="user_limit"):
+        fit_quantile(X, y, 0.8, reduce="never",
+                     solver_options={"highs_options": {"time_limit": 0.0}})
+
+
 # --------------------------------------------------------------------------- distributed
 
 
