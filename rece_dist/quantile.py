@@ -228,13 +228,19 @@ def _penalty_mask(penalize, p: int, const_cols: np.ndarray) -> np.ndarray:
     return m.copy()
 
 
-def _constant_columns(X: np.ndarray) -> np.ndarray:
+def _column_range(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column min and max, chunked so no n x p temporary is made."""
     lo = np.full(X.shape[1], np.inf)
     hi = np.full(X.shape[1], -np.inf)
     for c0 in range(0, X.shape[0], _CHUNK):
         ch = X[c0:c0 + _CHUNK]
         lo = np.minimum(lo, ch.min(axis=0))
         hi = np.maximum(hi, ch.max(axis=0))
+    return lo, hi
+
+
+def _constant_columns(X: np.ndarray) -> np.ndarray:
+    lo, hi = _column_range(X)
     return lo == hi
 
 
@@ -544,13 +550,7 @@ def _pass_stats(shard, shard_id: int, need_const: bool) -> dict:
     out = {"n": X.shape[0], "p": X.shape[1], "W": float(w.sum()), "Sx": w @ X,
            "ymax": float(np.abs(y).max())}
     if need_const:
-        lo = np.full(X.shape[1], np.inf)
-        hi = np.full(X.shape[1], -np.inf)
-        for c0 in range(0, X.shape[0], _CHUNK):
-            ch = X[c0:c0 + _CHUNK]
-            lo = np.minimum(lo, ch.min(axis=0))
-            hi = np.maximum(hi, ch.max(axis=0))
-        out["colmin"], out["colmax"] = lo, hi
+        out["colmin"], out["colmax"] = _column_range(X)
     return out
 
 
