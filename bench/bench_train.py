@@ -3,8 +3,9 @@
     python bench/bench_train.py [--configs 12] [--steps 20000] [--specialists 4] [--store DIR]
 
 Generates the store once (kept in bench/out/), then times featurization, the fit stage and
-held-out evaluation. CPU utilisation of the fit stage = sum of LP solve seconds / (wall x CPUs):
-how well independent (target, specialist, quantile) tasks keep the cores busy.
+held-out evaluation. Fit-stage occupancy = sum of LP task wall seconds / (stage wall x CPUs):
+how well independent (target, specialist, quantile) tasks keep the cores busy. Near 100% the
+cores never idle; above 100% tasks were time-sliced (another process shared the cores).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def main() -> None:
     print(f"| fit_ensemble total | {fit_s:.2f} |")
     print(f"time per LP fit: median {statistics.median(lp):.2f} s, max {max(lp):.2f} s "
           f"(rows median {int(statistics.median(timings['lp_rows'])):,})")
-    print(f"fit-stage CPU utilisation: {100 * util:.0f}% of {cpus} CPUs")
+    print(f"fit-stage occupancy: {100 * util:.0f}% of {cpus} CPUs")
 
 
 if __name__ == "__main__":
