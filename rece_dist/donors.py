@@ -117,23 +117,23 @@ class DonorTrial:
     pool: list[str]           # in greedy ranking order: pool[0] is the top donor
     scores: pl.DataFrame      # candidate ("base" or a pool config_id), criterion, mape_p50, interval_coverage
 
-    def criterion(self, candidate: str) -> float:
-        return float(self.scores.filter(pl.col("candidate") == candidate)["criterion"][0])
+    def score(self, candidate: str, column: str = "criterion") -> float:
+        """One of the candidate's unseen metrics on the targets (``scores`` column)."""
+        return float(self.scores.filter(pl.col("candidate") == candidate)[column][0])
 
     @property
     def top(self) -> str:
         return self.pool[0]
 
-    @property
-    def random_mean(self) -> float:
-        """Expected criterion of a uniformly random pool candidate (exact: every one was fitted)."""
-        return float(np.mean([self.criterion(c) for c in self.pool]))
+    def random_mean(self, column: str = "criterion") -> float:
+        """Expected value for a uniformly random pool candidate (exact: every one was fitted)."""
+        return float(np.mean([self.score(c, column) for c in self.pool]))
 
     @property
     def top_beats(self) -> float:
         """Share of the other pool candidates the top donor beats (1: it was the best pick)."""
-        others = [self.criterion(c) for c in self.pool[1:]]
-        return float(np.mean([self.criterion(self.top) < o for o in others])) if others else float("nan")
+        others = [self.score(c) for c in self.pool[1:]]
+        return float(np.mean([self.score(self.top) < o for o in others])) if others else float("nan")
 
 
 @dataclass
@@ -141,10 +141,13 @@ class DonorExperiment:
     trials: list[DonorTrial]
 
     def summary(self) -> pl.DataFrame:
+        mape = "mape_p50_beta"
         return pl.DataFrame([{
             "trial": i + 1, "targets": len(t.targets), "base": len(t.base), "pool": len(t.pool),
-            "base_only": t.criterion("base"), "top_donor": t.criterion(t.top), "random_candidate": t.random_mean,
-            "best_candidate": min(t.criterion(c) for c in t.pool), "top_beats_share": t.top_beats,
+            "base_only": t.score("base"), "top_donor": t.score(t.top), "random_candidate": t.random_mean(),
+            "best_candidate": min(t.score(c) for c in t.pool), "top_beats_share": t.top_beats,
+            "base_only_mape_beta": t.score("base", mape), "top_donor_mape_beta": t.score(t.top, mape),
+            "random_mape_beta": t.random_mean(mape),
         } for i, t in enumerate(self.trials)])
 
     def verdict(self) -> str:

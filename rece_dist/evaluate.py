@@ -27,6 +27,7 @@ the fit did not see:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import threading
@@ -44,7 +45,7 @@ from sklearn.metrics import silhouette_score
 from .config import DeploymentConfig, config_vector
 from .ensemble import RECEModel
 from .errors import ArtifactError, ReceError
-from .features import feature_matrix
+from .features import FEATURES, feature_matrix
 from .metrics import pinball, quantile_metrics
 from .pipeline import TARGETS, FeatureSet, TrainSettings, evaluate_shard, fit_ensemble
 from .progress import gather, log
@@ -389,26 +390,72 @@ def run_protocol(fitter: Fitter, folds: Sequence[Fold], meths: Sequence[Method],
 
 # --- embedding validation -----------------------------------------------------------------------
 
-def probe_rows(configs: Sequence[DeploymentConfig]) -> dict[str, pl.DataFrame]:
-    """A grid of batch compositions (beta) and arrivals (alpha) every configuration can serve.
+# Probe inputs recovered exactly from a configuration's features: (feature, divisor, squared),
+# raw = (sqrt(feature) if squared else feature) * divisor(cfg).
+PROBE_INPUTS: dict[str, dict[str, tuple[str, Callable[[DeploymentConfig], float], bool]]] = {
+    "beta": {"prefill_tokens": ("prefill_fill_sq", lambda c: c.serving.max_num_batched_tokens, True),
+             "decode_tokens": ("decode_fill_sq", lambda c: c.serving.max_num_batched_tokens, True),
+             "kv_usage_gpu_ratio": ("kv_usage", lambda c: 1.0, False)},
+    "alpha": {"prompt_tokens": ("prompt_frac", lambda c: c.serving.max_model_len, False),
+              "waiting_depth": ("queue_fill", lambda c: c.serving.max_num_seqs, False),
+              "running_depth": ("running_fill", lambda c: c.serving.max_num_seqs, False),
+              "kv_usage_gpu_ratio": ("kv_usage", lambda c: 1.0, False)},
+}
 
-    Absolute token counts, not fractions of each configuration's limits, so the grid asks the
-    same question of every deployment; limits are the tightest among ``configs``.
+
+@ray.remote
+def input_ranges(cfg: DeploymentConfig, *shards: Any) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """10th, 50th and 90th percentile of each probe input over one configuration's rows."""
+    out: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for t, inputs in PROBE_INPUTS.items():
+        names = [f.name for f in FEATURES[t]]
+        X = np.vstack([sh.X[t] for sh in shards])
+        out[t] = {}
+        for var, (feat, divisor, squared) in inputs.items():
+            col = X[:, names.index(feat)]
+            raw = (np.sqrt(np.clip(col, 0, None)) if squared else col) * divisor(cfg)
+            out[t][var] = tuple(float(v) for v in np.percentile(raw, [10, 50, 90])) if len(raw) else (0.0,) * 3
+    return out
+
+
+def common_grid(ranges: Sequence[Mapping[str, tuple[float, float, float]]]
+                ) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Per input: low, middle and high of the intersection of every configuration's 10-90% range.
+
+    Each configuration's own model is then evaluated only where all of them have data, so
+    behaviour distance is not an artefact of extrapolation. An input without a common range is
+    pinned at the value inside the most configurations' ranges (ties: the smallest); those
+    inputs are returned with that count.
     """
-    mbt = min(c.serving.max_num_batched_tokens for c in configs)
-    seqs = min(c.serving.max_num_seqs for c in configs)
-    mml = min(c.serving.max_model_len for c in configs)
-    beta = []
-    for d in sorted({1, max(1, seqs // 8), max(1, seqs // 2)}):
-        for p in sorted({0, mbt // 4, mbt // 2, mbt - d}):
-            for kv in (0.2, 0.7):
-                beta.append({"prefill_tokens": p, "decode_tokens": d, "scheduled_tokens": p + d,
-                             "running_depth": d + (p > 0), "kv_usage_gpu_ratio": kv,
-                             "kv_blocks_offloaded": 0, "kv_blocks_restored": 0})
-    alpha = [{"prompt_tokens": L, "waiting_depth": q, "running_depth": r, "kv_usage_gpu_ratio": kv}
-             for L in (mml // 16, mml // 4, mml // 2) for q in (0, seqs // 4) for r in (seqs // 8, seqs // 2)
-             for kv in (0.2, 0.7)]
-    return {"beta": pl.DataFrame(beta).cast(pl.Float64), "alpha": pl.DataFrame(alpha).cast(pl.Float64)}
+    grid, pinned = {}, {}
+    for var in ranges[0]:
+        lo = max(r[var][0] for r in ranges)
+        hi = min(r[var][2] for r in ranges)
+        if lo <= hi:
+            grid[var] = sorted({lo, (lo + hi) / 2, hi})
+            continue
+        ends = sorted({e for r in ranges for e in (r[var][0], r[var][2])})
+        inside = [sum(r[var][0] <= x <= r[var][2] for r in ranges) for x in ends]
+        best = int(np.argmax(inside))
+        grid[var], pinned[var] = [ends[best]], inside[best]
+    return grid, pinned
+
+
+def probe_rows(grids: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, pl.DataFrame]:
+    """Trace-like rows for every combination of the grid values (the columns ``feature_matrix`` reads).
+
+    Beta probes are batches of P prefill and D decode tokens with D + (P > 0) running requests
+    and no KV offload traffic.
+    """
+    out = {}
+    for t, grid in grids.items():
+        rows = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+        if t == "beta":
+            for r in rows:
+                r.update(scheduled_tokens=r["prefill_tokens"] + r["decode_tokens"], kv_blocks_offloaded=0.0,
+                         kv_blocks_restored=0.0, running_depth=r["decode_tokens"] + (r["prefill_tokens"] > 0))
+        out[t] = pl.DataFrame(rows).cast(pl.Float64)
+    return out
 
 
 def behaviour_vectors(per_config_doc: Mapping[str, Any], configs: Mapping[str, DeploymentConfig],
@@ -478,6 +525,8 @@ class EmbeddingCheck:
     behaviour_distance: dict[str, np.ndarray]  # per target, condensed RMS log-latency difference
     spearman: dict[str, dict[str, float]]      # target -> {"cosine", "euclidean", "p_cosine"}
     clusters: pl.DataFrame               # per K: silhouette, sizes, behaviour silhouette
+    probe_grid: dict[str, dict[str, list[float]]]  # per target: the probe values of each input
+    pinned: dict[str, dict[str, int]]    # per target: inputs without a common range -> configurations covering the pin
 
 
 def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings: TrainSettings,
@@ -487,7 +536,12 @@ def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings:
     configs = {c: fs.configs[c] for c in ids}
     V = np.vstack([config_vector(configs[c]) for c in ids])
     E = Embedding.fit(V)(V)
-    B = behaviour_vectors(per_config_doc, configs, probe_rows(list(configs.values())))
+    ranges = gather([input_ranges.remote(configs[c], *[fs.shard_refs[i] for i in fs.shards_of([c])]) for c in ids],
+                    "probe ranges")
+    grids, pinned = {}, {}
+    for t in TARGETS:
+        grids[t], pinned[t] = common_grid([r[t] for r in ranges])
+    B = behaviour_vectors(per_config_doc, configs, probe_rows(grids))
     d_cos, d_euc = pair_distances(E, "cosine"), pair_distances(E, "euclidean")
     d_beh = {t: pair_distances(B[t], "rms") for t in TARGETS}
     spear = {}
@@ -503,7 +557,7 @@ def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings:
                      "sizes": " ".join(str(int(s)) for s in np.bincount(cl.labels)),
                      **{f"behaviour_silhouette_{t}": float(silhouette_score(B[t], cl.labels)) if ok else None
                         for t in TARGETS}})
-    return EmbeddingCheck(ids, E, d_cos, d_beh, spear, pl.DataFrame(rows))
+    return EmbeddingCheck(ids, E, d_cos, d_beh, spear, pl.DataFrame(rows), grids, pinned)
 
 
 # --- sensitivity and tuning ---------------------------------------------------------------------
@@ -604,7 +658,7 @@ class Evaluation:
     by_config: pl.DataFrame        # ... + config_id
     by_gpu: pl.DataFrame           # ... + gpu
     by_model: pl.DataFrame         # ... + model
-    published: pl.DataFrame        # the artifact itself on the store's held-out slice, per target
+    published: pl.DataFrame        # the artifact itself on the store's held-out slice, per split and target
     samples: list[Sample]
     embedding: EmbeddingCheck | None
     sweep: Sweep | None
@@ -632,6 +686,13 @@ def _samples(cells: Sequence[Cell], protocol: str, rows: int, seed: int) -> list
         idx = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
         out.append(Sample(protocol, cid, t, first.y[idx], {m: c.values[idx] for m, c in per_method.items()}))
     return out
+
+
+def artifact_splits(fs: FeatureSet, doc: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Shards whose configuration and date the artifact trained on ("seen"), and the rest ("unseen")."""
+    first, last = doc["training"]["date_window"]
+    trained = [st.config_id in doc["configurations"] and first <= st.date <= last for st in fs.stats]
+    return {"seen": tuple(i for i, t in enumerate(trained) if t), "unseen": tuple(i for i, t in enumerate(trained) if not t)}
 
 
 def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, Any],
@@ -663,9 +724,9 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
     qs = settings.quantiles
     attrs = config_attrs(fs.configs)
     base = ("protocol", "method", "split", "target")
-    published = aggregate(predict_cells(fs, [own_mixing_job(artifact_doc, tuple(range(len(fs.stats))),
-                                                            ("published", "-", "published", "seen"))],
-                                        "published artifact"), qs, ("target",))
+    published = aggregate(predict_cells(fs, [own_mixing_job(artifact_doc, shards, ("published", "-", "published", split))
+                                             for split, shards in artifact_splits(fs, artifact_doc).items() if shards],
+                                        "published artifact"), qs, ("split", "target"))
     main = "loco" if "loco" in runs else next(iter(runs))
 
     per_config_doc = fitter.fit_many([FitRequest(tuple(range(len(fs.stats))), "per_config")], "embedding fit")[0]
@@ -738,6 +799,10 @@ def table_footnotes(scores: pl.DataFrame, meths: Sequence[Method], protocol: str
     return out
 
 
+def _folds(n: int) -> str:
+    return f"{n} fold" + ("s" if n != 1 else "")
+
+
 def text_table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -748,7 +813,7 @@ def baseline_text(ev: Evaluation) -> str:
     out = []
     for p in ev.runs:
         for t in TARGETS:
-            out.append(f"== {p} ({PROTOCOL_TITLES[p]}), {t}, {len(ev.runs[p].folds)} fold(s) ==")
+            out.append(f"== {p} ({PROTOCOL_TITLES[p]}), {t}, {_folds(len(ev.runs[p].folds))} ==")
             out.append(text_table(baseline_rows(ev.scores, ev.methods, p, t)))
         out += table_footnotes(ev.scores, ev.methods, p)
     return "\n".join(out)

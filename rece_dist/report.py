@@ -19,12 +19,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from .ensemble import RECEModel  # noqa: E402
 from .evaluate import (PROTOCOL_TITLES, SPLITS, Evaluation, Method, baseline_rows, fmt,  # noqa: E402
-                       short_label, sweep_text, table_footnotes)
+                       _folds, short_label, sweep_text, table_footnotes)
 from .pipeline import TARGETS  # noqa: E402
 
 DPI = 110
@@ -68,39 +69,42 @@ def plot_calibration(ev: Evaluation, protocol: str, out: Path) -> str:
     return _save(fig, out, f"calibration_{protocol}.png")
 
 
-def _grouped_bars(ax: plt.Axes, table: pl.DataFrame, key: str, labels: dict[str, str], metric: str,
+def _grouped_bars(ax: plt.Axes, table: pl.DataFrame, key: str, groups: Sequence[str], metric: str,
                   meths: Sequence[Method], colors: dict[str, Any]) -> None:
-    groups = sorted(table[key].unique().to_list(), key=lambda g: labels.get(g, g))
+    """Horizontal bars: one row per group, one bar per method that has numbers."""
     shown = [m for m in meths if table.filter(pl.col("method") == m.key).height]
-    width = 0.8 / max(1, len(shown))
-    x = np.arange(len(groups))
+    height = 0.8 / max(1, len(shown))
+    y = np.arange(len(groups))
     for i, m in enumerate(shown):
         sub = {r[key]: r[metric] for r in table.filter(pl.col("method") == m.key).iter_rows(named=True)}
-        ax.bar(x + (i - (len(shown) - 1) / 2) * width, [sub.get(g, np.nan) for g in groups], width,
-               color=colors[m.key], label=m.title)
-    ax.set_xticks(x, [labels.get(g, g) for g in groups], rotation=35, ha="right", fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
+        ax.barh(y + (i - (len(shown) - 1) / 2) * height, [sub.get(g, np.nan) for g in groups], height,
+                color=colors[m.key], label=m.title)
+    ax.grid(axis="x", alpha=0.3)
 
 
 def plot_errors(ev: Evaluation, table: pl.DataFrame, key: str, protocol: str, out: Path, name: str) -> str | None:
-    """Unseen P50 error and P10-P90 coverage per group (configuration, GPU or model)."""
+    """Unseen P50 error and P10-P90 coverage per group (configuration, GPU or model), both targets."""
     sub = table.filter((pl.col("protocol") == protocol) & (pl.col("split") == "unseen"))
     if not sub.height:
         return None
     labels = {c: cfg.label for c, cfg in ev.configs.items()} if key == "config_id" else {}
+    groups = sorted(sub[key].unique().to_list(), key=lambda g: labels.get(g, g))
     colors = _colors(ev.methods)
     lo, hi = ev.settings.quantiles[0], ev.settings.quantiles[-1]
-    n = sub[key].n_unique()
-    fig, axes = plt.subplots(2, 2, figsize=(max(10, 1.1 * n + 4), 8))
-    for row, t in enumerate(TARGETS):
+    fig, axes = plt.subplots(1, 2 * len(TARGETS), figsize=(16, 1.6 + 0.42 * len(groups)), sharey=True)
+    for j, t in enumerate(TARGETS):
         st = sub.filter(pl.col("target") == t)
-        _grouped_bars(axes[row, 0], st, key, labels, "mape_p50", ev.methods, colors)
-        axes[row, 0].set(ylabel="median |P50 - y| / y", title=f"{t}: P50 error on unseen rows ({protocol})")
-        _grouped_bars(axes[row, 1], st, key, labels, "interval_coverage", ev.methods, colors)
-        axes[row, 1].axhline(hi - lo, color="k", lw=1, ls=":")
-        axes[row, 1].set(ylabel=f"P{lo * 100:g}-P{hi * 100:g} coverage", ylim=(0, 1),
-                         title=f"{t}: interval coverage (dotted: nominal {hi - lo:.0%})")
-    axes[0, 1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+        err, cov = axes[2 * j], axes[2 * j + 1]
+        _grouped_bars(err, st, key, groups, "mape_p50", ev.methods, colors)
+        err.set(xscale="log", xlabel="median |P50 - y| / y (log)", title=f"{t}: P50 error")
+        _grouped_bars(cov, st, key, groups, "interval_coverage", ev.methods, colors)
+        cov.axvline(hi - lo, color="k", lw=1, ls=":")
+        cov.set(xlim=(0, 1), xlabel=f"P{lo * 100:g}-P{hi * 100:g} coverage (dotted: nominal)", title=f"{t}: coverage")
+    axes[0].set_yticks(np.arange(len(groups)), [labels.get(g, g) for g in groups], fontsize=7)
+    axes[0].invert_yaxis()
+    handles, names = axes[1].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8, bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(f"unseen rows ({protocol})", y=1.04, fontsize=10)
     fig.tight_layout()
     return _save(fig, out, name)
 
@@ -123,7 +127,7 @@ def plot_embedding(ev: Evaluation, out: Path) -> str:
             ax.scatter(*P[i], marker="x", color="0.4", s=50)
         else:
             ax.scatter(*P[i], color=cmap(spec % 10), s=60, edgecolor="k", lw=0.5)
-        ax.annotate(short_label(ev.configs[c]), P[i], fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+    _place_labels(ax, P, [short_label(ev.configs[c]) for c in ids])
     for j, cen in enumerate(C):
         ax.scatter(*cen, marker="*", s=260, color=cmap(j % 10), edgecolor="k", lw=0.8, label=f"specialist {j} centroid")
     ax.scatter([], [], marker="x", color="0.4", label="not in the artifact")
@@ -132,6 +136,25 @@ def plot_embedding(ev: Evaluation, out: Path) -> str:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, out, "embedding_pca.png")
+
+
+def _place_labels(ax: plt.Axes, P: np.ndarray, texts: Sequence[str], size: float = 6.5) -> None:
+    """Label points top to bottom, moving a label down until its box clears the ones placed before.
+
+    Works in points (1/72 in) after the axes limits are final; a label box is estimated as
+    0.55 * size per character by 1.3 * size.
+    """
+    ax.autoscale_view()
+    ax.figure.canvas.draw()
+    xy = ax.transData.transform(P) * 72.0 / ax.figure.dpi
+    boxes: list[tuple[float, float, float, float]] = []
+    for i in np.argsort(-xy[:, 1], kind="stable"):
+        w, h = 0.55 * size * len(texts[i]), 1.3 * size
+        x0, y0 = xy[i, 0] + 4, xy[i, 1] + 2
+        while any(x0 < bx + bw and bx < x0 + w and y0 < by + bh and by < y0 + h for bx, by, bw, bh in boxes):
+            y0 -= h
+        boxes.append((x0, y0, w, h))
+        ax.annotate(texts[i], P[i], fontsize=size, xytext=(x0 - xy[i, 0], y0 - xy[i, 1]), textcoords="offset points")
 
 
 def plot_intervals(ev: Evaluation, out: Path, target: str = "beta", panels: int = 4) -> str | None:
@@ -153,8 +176,11 @@ def plot_intervals(ev: Evaluation, out: Path, target: str = "beta", panels: int 
                         label=f"RECE P{lo_q * 100:g}-P{hi_q * 100:g}")
         ax.plot(x, v[order, j50], color="tab:blue", lw=1.2, label="RECE P50")
         if "donor" in s.values:
-            ax.plot(x, s.values["donor"][order, j50], color="tab:red", lw=1, ls="--", label="nearest donor P50")
+            ax.plot(x, s.values["donor"][order, j50], color="tab:red", lw=1, ls="--",
+                    label="nearest donor P50 (clipped to the axes)")
         ax.scatter(x, s.y[order], s=6, color="k", label="observed", zorder=3)
+        lo, hi = min(s.y.min(), v[:, 0].min()), max(s.y.max(), v[:, -1].max())
+        ax.set_ylim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))  # a wild donor leaves the axes, not the data
         ax.set(title=f"{ev.configs[s.config_id].label} ({s.protocol}, unseen)\n"
                      f"{inside:.0%} of these rows inside the band", xlabel="rows sorted by RECE P50",
                ylabel=f"{target} (us)")
@@ -180,9 +206,9 @@ def plot_sensitivity(ev: Evaluation, out: Path) -> str | None:
     c = ev.sweep.chosen
     ax.scatter([c["temperature"]], [c["criterion"]], s=150, facecolor="none", edgecolor="k", lw=1.5, zorder=5,
                label="chosen")
-    ax.set(xscale="log", xlabel="temperature", ylabel="relative pinball, unseen (mean of alpha, beta)",
+    ax.set(xscale="log", yscale="log", xlabel="temperature", ylabel="relative pinball, unseen (mean of alpha, beta)",
            title=f"sensitivity ({ev.sweep.folds}-fold grouped CV over configurations)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     ax.grid(alpha=0.3)
     return _save(fig, out, "sensitivity.png")
 
@@ -210,15 +236,16 @@ def plot_donors(ev: Evaluation, out: Path) -> str | None:
         return None
     fig, axes = plt.subplots(1, len(exp.trials), figsize=(4.2 * len(exp.trials), 4.2), squeeze=False, sharey=True)
     for i, (ax, t) in enumerate(zip(axes[0], exp.trials)):
-        vals = [t.criterion(c) for c in t.pool]
+        vals = [t.score(c) for c in t.pool]
         ax.bar(range(len(vals)), vals, color=["tab:green"] + ["tab:gray"] * (len(vals) - 1))
-        ax.axhline(t.random_mean, color="k", ls="--", lw=1, label="random candidate (mean)")
-        ax.axhline(t.criterion("base"), color="tab:red", ls=":", lw=1.2, label="base only")
+        ax.axhline(t.random_mean(), color="k", ls="--", lw=1, label="random candidate (mean)")
+        ax.axhline(t.score("base"), color="tab:red", ls=":", lw=1.2, label="base only")
         ax.set_xticks(range(len(vals)), [short_label(ev.configs[c]) for c in t.pool], rotation=40,
                       ha="right", fontsize=6.5)
         ax.set_title(f"trial {i + 1}: {len(t.targets)} targets, base {len(t.base)}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].set_ylabel("unseen relative pinball on the targets")
+    axes[0, 0].set(ylabel="unseen relative pinball (log)", yscale="log")
+    axes[0, 0].yaxis.set_minor_formatter(NullFormatter())
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("adding one candidate's data (green: top-ranked donor)", fontsize=10)
     fig.tight_layout()
@@ -289,15 +316,17 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
                  "configuration's own data, so they have no unseen numbers when configurations are held out; the "
                  "nearest donor is only defined for configurations without data.</p>")
     for p, run in ev.runs.items():
-        parts.append(f"<h3>{p}: {html.escape(PROTOCOL_TITLES[p])} ({len(run.folds)} folds)</h3>")
+        parts.append(f"<h3>{p}: {html.escape(PROTOCOL_TITLES[p])} ({_folds(len(run.folds))})</h3>")
         for t in TARGETS:
             parts.append(_table(baseline_rows(ev.scores, ev.methods, p, t), f"{p}, {t}"))
         parts += [f"<p class='note'>{html.escape(n)}</p>" for n in table_footnotes(ev.scores, ev.methods, p)]
     parts.append("<h2>The published artifact on this store</h2><p class='note'>The artifact itself, with its own "
-                 "mixing, on the held-out slice of every shard of the store (configurations it trained on are seen).</p>")
-    parts.append(_table(_frame_rows(ev.published.select(["target", "rows", "interval_coverage", "mape_p50",
-                                                          "rel_pinball", "interval_width"]),
-                                    pct=("interval_coverage", "mape_p50"))))
+                 "mixing, on the held-out slice of every shard of the store: <b>seen</b> where it trained on the "
+                 "shard's configuration and date, <b>unseen</b> otherwise.</p>")
+    names = {"interval_coverage": "cov P10-P90", "mape_p50": "MAPE P50", "rel_pinball": "rel pinball",
+             "interval_width": "width us"}
+    parts.append(_table(_frame_rows(ev.published.select(["split", "target", "rows", *names]).rename(names),
+                                    pct=("cov P10-P90", "MAPE P50"))))
     parts.append(f"<h2>Calibration ({main})</h2><p class='note'>For each quantile, the share of rows at or below "
                  "the prediction; a calibrated model sits on the diagonal. Dashed: seen, solid: unseen.</p>")
     parts.append(_img(images.get("calibration"), "calibration"))
@@ -319,11 +348,20 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
         rows = [["target", "Spearman (cosine distance)", "Mantel p", "Spearman (Euclidean distance)"]]
         rows += [[t, fmt(chk.spearman[t]["cosine"], "num"), fmt(chk.spearman[t]["p_cosine"], "num"),
                   fmt(chk.spearman[t]["euclidean"], "num")] for t in TARGETS]
+        grid = "; ".join(f"{t}: " + ", ".join(f"{v} {'/'.join(f'{x:.3g}' for x in vals)}" for v, vals in g.items())
+                         for t, g in chk.probe_grid.items())
+        n = len(chk.config_ids)
+        pinned = "; ".join(f"{t}: " + ", ".join(f"{v} (inside {k}/{n} ranges)" for v, k in p.items())
+                           for t, p in chk.pinned.items() if p) or "none"
         parts.append("<h3>Does embedding distance track latency behaviour?</h3><p class='note'>Behaviour of a "
-                     "configuration: its own P50 model (fitted on its data alone) evaluated on a shared grid of batch "
-                     "compositions (beta) and arrivals (alpha); behaviour distance between two configurations is the "
-                     f"RMS log ratio of those predictions. {len(chk.config_ids)} configurations, "
-                     f"{len(chk.emb_distance)} pairs; the Mantel p-value permutes configurations.</p>")
+                     "configuration: its own P50 model (fitted on its data alone) evaluated on a shared probe grid of "
+                     "batch compositions (beta) and arrivals (alpha); behaviour distance between two configurations "
+                     "is the RMS log ratio of those predictions. The grid spans the intersection of every "
+                     "configuration's observed 10-90% range of each input, so no model is judged on extrapolation; "
+                     "an input with no common range is pinned at the value inside the most configurations' ranges "
+                     f"({html.escape(pinned)}). "
+                     f"Grid: {html.escape(grid)}. {len(chk.config_ids)} configurations, {len(chk.emb_distance)} "
+                     "pairs; the Mantel p-value permutes configurations.</p>")
         parts.append(_table(rows) + _img(images.get("embedding_check"), "embedding validation"))
         parts.append("<h3>Cluster quality by K</h3><p class='note'>Silhouette of the embedding clusters (cosine), "
                      "and of the same labels on the behaviour vectors: high behaviour silhouette means specialists "
@@ -340,7 +378,7 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
                      "set's embedding; RECE is fitted on base + each candidate in turn and scored on the targets "
                      "(all rows). 'random candidate' is the exact mean over the pool.</p>")
         parts.append(_img(images.get("donors"), "donor experiment"))
-        parts.append(_table(_frame_rows(ev.donors.summary()), "unseen relative pinball on the targets"))
+        parts.append(_table(_frame_rows(ev.donors.summary()), "unseen relative pinball (and beta P50 MAPE) on the targets"))
         parts.append(f"<p><b>{html.escape(ev.donors.verdict())}</b></p>")
         labels = {c: short_label(cfg) for c, cfg in ev.configs.items()}
         trials = [["trial", "targets", "base", "candidates, ranked"]]

@@ -117,8 +117,9 @@ def test_donor_experiment_fits_base_plus_each_candidate_only(tmp_path, ray_local
     assert trial.pool == [p.config.config_id for p in ranked] and trial.top == trial.pool[0]
     assert set(trial.scores["candidate"]) == {"base", *trial.pool}
     assert np.isfinite(trial.scores["criterion"].to_numpy()).all()
-    assert trial.random_mean == pytest.approx(np.mean([trial.criterion(c) for c in trial.pool]))
+    assert trial.random_mean() == pytest.approx(np.mean([trial.score(c) for c in trial.pool]))
     fitted = [set(doc["configurations"]) for doc in fitter.docs.values()]
     assert sorted(map(sorted, fitted)) == sorted([sorted(trial.base)] + [sorted(trial.base + [c]) for c in trial.pool])
     s = exp.summary().row(0, named=True)
-    assert s["top_donor"] == pytest.approx(trial.criterion(trial.top)) and s["base_only"] == pytest.approx(trial.criterion("base"))
+    assert s["top_donor"] == pytest.approx(trial.score(trial.top)) and s["base_only"] == pytest.approx(trial.score("base"))
+    assert s["random_mape_beta"] == pytest.approx(np.mean([trial.score(c, "mape_p50_beta") for c in trial.pool]))

@@ -12,8 +12,8 @@ import polars as pl
 import pytest
 
 from ground_truth import configs, write_store
-from rece_dist.evaluate import (Cell, EvalOptions, EvaluationError, Fitter, aggregate, baseline_rows, choose,
-                                config_kfold, evaluate, mantel, methods, pair_distances, probe_rows, protocol_folds,
+from rece_dist.evaluate import (Cell, EvalOptions, artifact_splits, EvaluationError, Fitter, aggregate, baseline_rows, choose,
+                                common_grid, config_kfold, evaluate, mantel, methods, pair_distances, probe_rows, protocol_folds,
                                 relative_pinball, run_protocol, table_footnotes)
 from rece_dist.pipeline import FeatureSet, ShardStats, TrainSettings, featurize_store, fit_ensemble
 
@@ -97,14 +97,24 @@ def test_mantel_detects_monotone_and_reversed_relations():
     assert rho == pytest.approx(-1.0) and p > 0.9
 
 
-def test_probe_rows_are_batches_every_configuration_can_run():
-    cfgs = configs(6)
-    probes = probe_rows(cfgs)
+def test_common_grid_is_the_intersection_of_central_ranges():
+    ranges = [{"P": (100.0, 500.0, 900.0), "Q": (0.0, 0.0, 0.0)},
+              {"P": (300.0, 600.0, 1000.0), "Q": (0.0, 1.0, 4.0)},
+              {"P": (200.0, 300.0, 950.0), "Q": (2.0, 6.0, 9.0)}]
+    grid, pinned = common_grid(ranges)
+    assert grid["P"] == [300.0, 600.0, 900.0]  # [max low, min high] and its middle
+    # Q: no common range; 0 lies in 2 ranges ([0,0], [0,4]), so does 2 ([0,4], [2,9]): the smaller wins
+    assert grid["Q"] == [0.0] and pinned == {"Q": 2}
+
+
+def test_probe_rows_build_consistent_batches():
+    probes = probe_rows({"beta": {"prefill_tokens": [0.0, 512.0], "decode_tokens": [8.0], "kv_usage_gpu_ratio": [0.5]},
+                         "alpha": {"prompt_tokens": [100.0], "waiting_depth": [0.0, 2.0], "running_depth": [4.0],
+                                   "kv_usage_gpu_ratio": [0.1, 0.9]}})
     beta = probes["beta"]
-    mbt = min(c.serving.max_num_batched_tokens for c in cfgs)
-    assert (beta["scheduled_tokens"] == beta["prefill_tokens"] + beta["decode_tokens"]).all()
-    assert beta["scheduled_tokens"].max() <= mbt and beta["decode_tokens"].min() >= 1
-    assert probes["alpha"]["prompt_tokens"].max() <= min(c.serving.max_model_len for c in cfgs)
+    assert beta.height == 2 and probes["alpha"].height == 4
+    assert beta["scheduled_tokens"].to_list() == [8.0, 520.0]
+    assert beta["running_depth"].to_list() == [8.0, 9.0]  # decodes, plus one prefilling request
 
 
 # --- folds: which shards train and which are scored (no Ray) ----------------------------------
@@ -260,3 +270,24 @@ def test_sweep_and_embedding_check_cover_the_grid(evaluation):
     chk = ev.embedding
     assert len(chk.emb_distance) == 3 and set(chk.behaviour_distance) == {"alpha", "beta"}
     assert chk.clusters["K"].to_list() == [2]
+
+
+def test_probe_grid_recovers_the_stores_input_distributions(evaluation):
+    """tests/ground_truth.py draws P ~ U{0..1023}, D ~ U{1..127}, kv ~ U(0, 1), L ~ U{16..2047} for every
+    configuration, so the common 10/50/90% grid is known; P and D come back through sqrt((x / MBT)^2) * MBT."""
+    g = evaluation.embedding.probe_grid
+    np.testing.assert_allclose(g["beta"]["prefill_tokens"], [102, 512, 921], atol=25)
+    np.testing.assert_allclose(g["beta"]["decode_tokens"], [13.6, 64, 114.4], atol=4)
+    np.testing.assert_allclose(g["beta"]["kv_usage_gpu_ratio"], [0.1, 0.5, 0.9], atol=0.03)
+    np.testing.assert_allclose(g["alpha"]["prompt_tokens"], [219, 1032, 1845], atol=50)
+    assert evaluation.embedding.pinned == {"alpha": {}, "beta": {}}
+
+
+def test_artifact_splits_follow_what_the_artifact_trained_on():
+    fs = _fake_fs(3)
+    trained = fs.config_ids[:2]
+    doc = {"configurations": {c: {} for c in trained}, "training": {"date_window": ["2026-11-01", "2026-11-02"]}}
+    split = artifact_splits(fs, doc)
+    seen = {(fs.stats[i].config_id, fs.stats[i].date) for i in split["seen"]}
+    assert seen == {(c, d) for c in trained for d in ("2026-11-01", "2026-11-02")}
+    assert len(split["unseen"]) == 9 - 4
