@@ -27,6 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from .ensemble import _qkey
 from .errors import ArtifactError, ReceError
 from .evaluate import aggregate, own_mixing_job, predict_cells
+from .objstore import ObjectRoot, S3Options
 from .pipeline import TARGETS, FeatureSet
 
 COMPARED = ("interval_coverage", "mape_p50", "interval_width")
@@ -140,12 +141,12 @@ def compare(new_doc: dict[str, Any], old_doc: dict[str, Any], fs: FeatureSet, ma
                        coefficient_changes(new_doc, old_doc, matching), moved_configurations(new_doc, old_doc, matching))
 
 
-def gate(new_doc: dict[str, Any], fs: FeatureSet, root: str, max_regression: float, s3: Any = None) -> DriftReport | None:
+def gate(new_doc: dict[str, Any], fs: FeatureSet, root: str, max_regression: float,
+         s3: S3Options | None = None) -> DriftReport | None:
     """For the publish path: compare with ``latest`` under ``root``; None when nothing is published yet.
 
     Callers refuse to publish with ``report.raise_if_worse()``.
     """
-    from .objstore import ObjectRoot
     from .publish import LATEST, resolve
 
     if max_regression < 0:

@@ -527,6 +527,7 @@ class EmbeddingCheck:
     clusters: pl.DataFrame               # per K: silhouette, sizes, behaviour silhouette
     probe_grid: dict[str, dict[str, list[float]]]  # per target: the probe values of each input
     pinned: dict[str, dict[str, int]]    # per target: inputs without a common range -> configurations covering the pin
+    clipped: dict[str, list[str]]        # per target: configurations whose own P50 fell below 1 us on the grid
 
 
 def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings: TrainSettings,
@@ -557,7 +558,8 @@ def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings:
                      "sizes": " ".join(str(int(s)) for s in np.bincount(cl.labels)),
                      **{f"behaviour_silhouette_{t}": float(silhouette_score(B[t], cl.labels)) if ok else None
                         for t in TARGETS}})
-    return EmbeddingCheck(ids, E, d_cos, d_beh, spear, pl.DataFrame(rows), grids, pinned)
+    clipped = {t: [ids[i] for i in np.flatnonzero((B[t] <= 0).any(axis=1))] for t in TARGETS}
+    return EmbeddingCheck(ids, E, d_cos, d_beh, spear, pl.DataFrame(rows), grids, pinned, clipped)
 
 
 # --- sensitivity and tuning ---------------------------------------------------------------------
@@ -827,6 +829,8 @@ def sweep_text(sw: Sweep) -> str:
     c = sw.chosen
     chosen = (f"chosen: K={c['K']} temperature={c['temperature']:g} top_k={'dense' if c['top_k'] is None else c['top_k']}"
               f" (criterion {c['criterion']:.5f}, {sw.folds} folds over configurations)")
+    if c["K"] == 1:
+        chosen += "\nwith one specialist, temperature and top-k have no effect (the values above only break the tie)"
     return text_table(rows) + "\n" + chosen
 
 

@@ -362,6 +362,11 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
                      f"({html.escape(pinned)}). "
                      f"Grid: {html.escape(grid)}. {len(chk.config_ids)} configurations, {len(chk.emb_distance)} "
                      "pairs; the Mantel p-value permutes configurations.</p>")
+        for t, ids in chk.clipped.items():
+            if ids:
+                parts.append(f"<p class='note'>{t}: {len(ids)} configuration(s) still predict below 1 us somewhere on "
+                             "the grid (their own model extrapolating; clipped there, which inflates their distances): "
+                             f"{html.escape('; '.join(short_label(ev.configs[c]) for c in ids))}.</p>")
         parts.append(_table(rows) + _img(images.get("embedding_check"), "embedding validation"))
         parts.append("<h3>Cluster quality by K</h3><p class='note'>Silhouette of the embedding clusters (cosine), "
                      "and of the same labels on the behaviour vectors: high behaviour silhouette means specialists "
