@@ -74,6 +74,15 @@ def entry_doc(entry: Mapping[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in ("model", "gpu", "serving")}
 
 
+def coefficient_unit(feature_units: str) -> str:
+    """Units of a coefficient of a feature in ``feature_units`` (both targets are in us)."""
+    if feature_units == "1":
+        return "us"
+    if feature_units == "us":
+        return "dimensionless"
+    return f"us/{feature_units}"
+
+
 def coefficient_sets(doc: Mapping[str, Any], version: str) -> dict[str, str]:
     """blis-registry ``CoefficientSet`` YAML per known configuration (collapsed P50 + P10/P90 in rationale)."""
     model = RECEModel(doc)
@@ -89,7 +98,7 @@ def coefficient_sets(doc: Mapping[str, Any], version: str) -> dict[str, str]:
             for k, feat in enumerate(FEATURES[target]):
                 value = coll[target][_qkey(mid)][k]
                 band = ", ".join(f"P{q * 100:g} {coll[target][_qkey(q)][k]:.6g}" for q in qs)
-                unit = "us" if feat.units == "1" else "dimensionless"  # target us / feature us
+                unit = coefficient_unit(feat.units)
                 entry_out: dict[str, Any] = {
                     "value": float(value), "units": unit, "fitted": True,
                     "scope": {"hardware": [cfg.gpu.name], "model": [cfg.model.name], "tp": [cfg.serving.tp]},

@@ -58,7 +58,7 @@ def _settings(args: argparse.Namespace):
 
     return TrainSettings(
         specialists=args.specialists, quantiles=tuple(args.quantiles), clustering=args.clustering,
-        temperature=args.temperature, top_k=args.top_k, l1=args.l1, noncrossing=not args.allow_crossing,
+        temperature=args.temperature, top_k=args.top_k, borrow=args.borrow, l1=args.l1, noncrossing=not args.allow_crossing,
         solver=args.solver, date_from=args.date_from, date_to=args.date_to, seed=args.seed,
     )
 
@@ -118,6 +118,8 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperatures", type=float, nargs="+", default=[0.05, 0.1, 0.3, 1.0], help="temperatures to try")
     g.add_argument("--top-k-grid", type=_top_k_value, nargs="+", default=[1, 2, None],
                    help="top-k values to try ('dense': all specialists)")
+    g.add_argument("--borrow-grid", type=float, nargs="+", default=None,
+                   help="borrow values to try (default: the training setting only; each value refits every K > 1)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -128,7 +130,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     options = EvalOptions(
         protocols=PROTOCOLS if args.protocol == "all" else (args.protocol,), sparse_top_k=args.sparse_top_k,
         cv_folds=args.folds, k_grid=tuple(args.k_grid), temperatures=tuple(args.temperatures),
-        top_ks=tuple(args.top_k_grid), donor_experiment=not args.no_donor_experiment)
+        top_ks=tuple(args.top_k_grid), borrows=None if args.borrow_grid is None else tuple(args.borrow_grid),
+        donor_experiment=not args.no_donor_experiment)
     connect_ray(args.ray_address)
     ev = evaluate_artifact(args.artifact, args.store, options, args.max_regression)
     print(baseline_text(ev))
@@ -143,7 +146,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from .runner import connect_ray
 
     connect_ray(args.ray_address)
-    print(sweep_text(tune(args.store, _settings(args), args.folds, args.k_grid, args.temperatures, args.top_k_grid)))
+    print(sweep_text(tune(args.store, _settings(args), args.folds, args.k_grid, args.temperatures, args.top_k_grid,
+                          args.borrow_grid)))
     return 0
 
 
@@ -226,6 +230,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clustering", choices=["kmeans", "agglomerative"], default="kmeans")
     g.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the mixing")
     g.add_argument("--top-k", type=int, default=None, help="mix only the k most similar specialists")
+    g.add_argument("--borrow", type=float, default=0.1,
+                   help="weight of every non-member configuration in a specialist's fit, relative to a member's "
+                        "(0: members only; 1: the global model)")
     g.add_argument("--l1", type=float, default=0.0, help="L1 penalty (scikit-learn's alpha) on scaled coefficients")
     g.add_argument("--allow-crossing", action="store_true", help="skip the non-crossing re-solve")
     g.add_argument("--solver", default="HIGHS", help="cvxpy LP solver (HIGHS, CLARABEL)")

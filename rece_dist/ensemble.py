@@ -116,10 +116,13 @@ def _qkey(q: float) -> str:
     return repr(float(q))
 
 
-# Columns a prediction row may carry; omitted optional ones default to 0 (or P + D).
-INPUT_COLUMNS = {
+# Columns a prediction row may carry: None is required; an omitted optional one takes its
+# number, or its function of the row (one token per decoding request, one prefilling request).
+INPUT_COLUMNS: dict[str, dict[str, Any]] = {
     "beta": {"prefill_tokens": None, "decode_tokens": None, "running_depth": None, "kv_usage_gpu_ratio": None,
-             "scheduled_tokens": "prefill_tokens + decode_tokens", "kv_blocks_offloaded": 0, "kv_blocks_restored": 0},
+             "scheduled_tokens": lambda r: r["prefill_tokens"] + r["decode_tokens"],
+             "num_prefill_reqs": lambda r: int(r["prefill_tokens"] > 0), "num_decode_reqs": lambda r: r["decode_tokens"],
+             "kv_blocks_offloaded": 0, "kv_blocks_restored": 0},
     "alpha": {"prompt_tokens": None, "waiting_depth": None, "running_depth": None, "kv_usage_gpu_ratio": None},
 }
 
@@ -129,17 +132,20 @@ def rows_frame(target: str, rows: list[Mapping[str, Any]], where: str) -> pl.Dat
     if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
         raise ArtifactError(f"{where}: '{target}' must be a list of objects")
     spec = INPUT_COLUMNS[target]
-    cols: dict[str, list[float]] = {}
+    cols: dict[str, list[float]] = {name: [] for name in spec}
     for i, r in enumerate(rows):
+        row: dict[str, float] = {}  # this row's fields validated so far (derived defaults read them)
         for name, default in spec.items():
             v = r.get(name, default)
             if v is None:
                 raise ArtifactError(f"{where}: {target} row {i} is missing {name!r}")
-            if v == "prefill_tokens + decode_tokens":
-                v = r["prefill_tokens"] + r["decode_tokens"]
+            if callable(v):
+                v = v(row)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
                 raise ArtifactError(f"{where}: {target} row {i} field {name!r} must be a non-negative number, got {v!r}")
-            cols.setdefault(name, []).append(float(v))
+            row[name] = float(v)
+        for name, v in row.items():
+            cols[name].append(v)
     return pl.DataFrame({k: pl.Series(k, v, dtype=pl.Float64) for k, v in cols.items()},
                         schema={k: pl.Float64 for k in spec})
 

@@ -161,6 +161,7 @@ class FitRequest:
     train: tuple[int, ...]
     kind: str                    # "rece" (clustered), "global" (one group), "per_config" (one group each)
     specialists: int | None = None  # K for "rece"; None: the settings' K
+    borrow: float | None = None     # for "rece"; None: the settings' borrow
 
 
 def fit_labels(kind: str, config_ids: Iterable[str]) -> dict[str, int] | None:
@@ -191,12 +192,18 @@ class Fitter:
         self._lock = threading.Lock()
 
     def _key(self, req: FitRequest) -> FitRequest:
-        """Canonical form: sorted shards; K only matters (and defaults to the settings') for RECE."""
-        k = (req.specialists or self.settings.specialists) if req.kind == "rece" else None
-        return FitRequest(tuple(sorted(req.train)), req.kind, k)
+        """Canonical form: sorted shards; K and borrow only matter (and default to the settings')
+        for RECE, and borrow not with one specialist. Baselines are what they say: the global and
+        the per-configuration fits borrow nothing."""
+        if req.kind != "rece":
+            return FitRequest(tuple(sorted(req.train)), req.kind, None, 0.0)
+        k = req.specialists or self.settings.specialists
+        borrow = self.settings.borrow if req.borrow is None else req.borrow
+        return FitRequest(tuple(sorted(req.train)), req.kind, k, borrow if k > 1 else 0.0)
 
     def _fit(self, req: FitRequest) -> dict[str, Any]:
-        settings = dataclasses.replace(self.settings, specialists=req.specialists or self.settings.specialists)
+        settings = dataclasses.replace(self.settings, specialists=req.specialists or self.settings.specialists,
+                                       borrow=req.borrow)
         ids = {self.fs.stats[i].config_id for i in req.train}
         return fit_ensemble(self.fs, settings, list(req.train), fit_labels(req.kind, ids))
 
@@ -453,7 +460,8 @@ def probe_rows(grids: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, 
         if t == "beta":
             for r in rows:
                 r.update(scheduled_tokens=r["prefill_tokens"] + r["decode_tokens"], kv_blocks_offloaded=0.0,
-                         kv_blocks_restored=0.0, running_depth=r["decode_tokens"] + (r["prefill_tokens"] > 0))
+                         kv_blocks_restored=0.0, running_depth=r["decode_tokens"] + (r["prefill_tokens"] > 0),
+                         num_prefill_reqs=float(r["prefill_tokens"] > 0), num_decode_reqs=r["decode_tokens"])
         out[t] = pl.DataFrame(rows).cast(pl.Float64)
     return out
 
@@ -566,45 +574,51 @@ def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings:
 
 @dataclass
 class Sweep:
-    """Unseen metrics over a grid of (K, temperature, top-k) from grouped CV over configurations."""
+    """Unseen metrics over a grid of (K, borrow, temperature, top-k) from grouped CV over configurations."""
 
-    grid: pl.DataFrame      # one row per (K, T, top_k, target): that target's metrics and the shared criterion
-    chosen: dict[str, Any]  # K, temperature, top_k (None: dense), criterion
+    grid: pl.DataFrame      # one row per (K, borrow, T, top_k, target): that target's metrics and the shared criterion
+    chosen: dict[str, Any]  # K, borrow, temperature, top_k (None: dense), criterion
     folds: int
 
 
-def _grid_key(K: int, T: float, top_k: int | None) -> str:
-    return f"K={K} T={T:g} top_k={'dense' if top_k is None else top_k}"
+def _grid_key(K: int, borrow: float, T: float, top_k: int | None) -> str:
+    return f"K={K} borrow={borrow:g} T={T:g} top_k={'dense' if top_k is None else top_k}"
 
 
 def sweep(fitter: Fitter, folds: Sequence[Fold], k_grid: Sequence[int], temperatures: Sequence[float],
-          top_ks: Sequence[int | None]) -> Sweep:
-    """Fit RECE per fold and K, score held-out configurations for every temperature and top-k.
+          top_ks: Sequence[int | None], borrows: Sequence[float] | None = None) -> Sweep:
+    """Fit RECE per fold, K and borrow, score held-out configurations for every temperature and top-k.
 
     The criterion is relative pinball loss averaged over held-out configurations, then over
     targets: one number per grid point, since the mixing settings are shared by both targets.
-    Top-k values at or above K equal dense mixing and are skipped; a fold whose clustering found
-    fewer than top-k specialists mixes all of them, so every grid point covers every fold.
+    Top-k values at or above K equal dense mixing and are skipped, and so is borrowing with one
+    specialist; a fold whose clustering found fewer than top-k specialists mixes all of them, so
+    every grid point covers every fold. ``borrows`` None: the settings' borrow only.
     """
-    reqs = [FitRequest(f.train, "rece", K) for f in folds for K in k_grid]
+    borrows = (fitter.settings.borrow,) if borrows is None else tuple(borrows)
+    if not borrows or any(not 0 <= b <= 1 for b in borrows):
+        raise EvaluationError(f"--borrow-grid values must be in [0, 1], got {list(borrows)}")
+    points = [(K, b) for K in k_grid for b in (borrows if K > 1 else borrows[:1])]
+    reqs = [FitRequest(f.train, "rece", K, b) for f in folds for K, b in points]
     docs = fitter.fit_many(reqs, "sweep fits")
     jobs, params = [], {}
-    for (fold, K), doc in zip(((f, K) for f in folds for K in k_grid), docs):
+    for (fold, K, b), doc in zip(((f, K, b) for f in folds for K, b in points), docs):
+        b = b if K > 1 else 0.0
         for T in temperatures:
             for top_k in top_ks:
                 if top_k is not None and top_k >= K:
                     continue
-                key = _grid_key(K, T, top_k)
-                params[key] = {"K": K, "temperature": float(T), "top_k": top_k}
+                key = _grid_key(K, b, T, top_k)
+                params[key] = {"K": K, "borrow": float(b), "temperature": float(T), "top_k": top_k}
                 jobs.append(PredictJob(doc, fold.unseen, True, top_k, T, ("cv", fold.name, key, "unseen")))
     cells = predict_cells(fitter.fs, jobs, "sweep predictions")
     qs = fitter.settings.quantiles
     per_target = aggregate(cells, qs, ("method", "target"))
     crit = per_target.group_by("method").agg(pl.col("rel_pinball_macro").mean().alias("criterion"))
     grid = per_target.join(crit, on="method")
-    meta = pl.DataFrame([{"method": k, "K": v["K"], "temperature": v["temperature"],
+    meta = pl.DataFrame([{"method": k, "K": v["K"], "borrow": v["borrow"], "temperature": v["temperature"],
                           "top_k": "dense" if v["top_k"] is None else str(v["top_k"])} for k, v in params.items()])
-    grid = meta.join(grid, on="method").sort(["K", "temperature", "top_k", "target"])
+    grid = meta.join(grid, on="method").sort(["K", "borrow", "temperature", "top_k", "target"])
     best = choose(crit)
     return Sweep(grid, {**params[best["method"]], "criterion": best["criterion"]}, len(folds))
 
@@ -624,6 +638,7 @@ class EvalOptions:
     k_grid: tuple[int, ...] = (1, 2, 4, 6)
     temperatures: tuple[float, ...] = (0.05, 0.1, 0.3, 1.0)
     top_ks: tuple[int | None, ...] = (1, 2, None)
+    borrows: tuple[float, ...] | None = None  # None: the artifact's borrow only
     donor_experiment: bool = True
     sample_rows: int = 150
     parallel_fits: int = 3
@@ -738,7 +753,7 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
     sw = None
     if len(fs.config_ids) >= 3:
         sw = sweep(fitter, config_kfold(fs, options.cv_folds, settings.seed), options.k_grid, options.temperatures,
-                   options.top_ks)
+                   options.top_ks, options.borrows)
     else:
         notes.append("the sensitivity sweep needs at least 3 configurations")
     donors = None
@@ -822,15 +837,17 @@ def baseline_text(ev: Evaluation) -> str:
 
 
 def sweep_text(sw: Sweep) -> str:
-    both = sw.grid.filter(pl.col("target") == TARGETS[0]).select(["K", "temperature", "top_k", "criterion"])
-    rows = [["K", "temperature", "top_k", "criterion (rel pinball, unseen)"]]
-    rows += [[str(r["K"]), f"{r['temperature']:g}", r["top_k"], f"{r['criterion']:.5f}"]
+    both = sw.grid.filter(pl.col("target") == TARGETS[0]).select(["K", "borrow", "temperature", "top_k", "criterion"])
+    rows = [["K", "borrow", "temperature", "top_k", "criterion (rel pinball, unseen)"]]
+    rows += [[str(r["K"]), f"{r['borrow']:g}", f"{r['temperature']:g}", r["top_k"], f"{r['criterion']:.5f}"]
              for r in both.sort("criterion").iter_rows(named=True)]
     c = sw.chosen
-    chosen = (f"chosen: K={c['K']} temperature={c['temperature']:g} top_k={'dense' if c['top_k'] is None else c['top_k']}"
+    chosen = (f"chosen: K={c['K']} borrow={c['borrow']:g} temperature={c['temperature']:g} "
+              f"top_k={'dense' if c['top_k'] is None else c['top_k']}"
               f" (criterion {c['criterion']:.5f}, {sw.folds} folds over configurations)")
     if c["K"] == 1:
-        chosen += "\nwith one specialist, temperature and top-k have no effect (the values above only break the tie)"
+        chosen += ("\nwith one specialist, borrow, temperature and top-k have no effect "
+                   "(the values above only break the tie)")
     return text_table(rows) + "\n" + chosen
 
 
@@ -875,11 +892,11 @@ def evaluate_artifact(artifact_ref: str, store_uri: str, options: EvalOptions = 
 
 
 def tune(store_uri: str, settings: TrainSettings, folds: int | None, k_grid: Sequence[int],
-         temperatures: Sequence[float], top_ks: Sequence[int | None]) -> Sweep:
-    """``rece tune``: pick K, temperature and top-k by grouped CV over the store's configurations."""
+         temperatures: Sequence[float], top_ks: Sequence[int | None], borrows: Sequence[float] | None = None) -> Sweep:
+    """``rece tune``: pick K, borrow, temperature and top-k by grouped CV over the store's configurations."""
     from .pipeline import featurize_store
 
     fs = featurize_store(store_uri, settings)
     if len(fs.config_ids) < 3:
         raise EvaluationError("tuning needs at least 3 configurations")
-    return sweep(Fitter(fs, settings), config_kfold(fs, folds, settings.seed), k_grid, temperatures, top_ks)
+    return sweep(Fitter(fs, settings), config_kfold(fs, folds, settings.seed), k_grid, temperatures, top_ks, borrows)

@@ -52,6 +52,17 @@ def _block_bytes(c: DeploymentConfig) -> float:
 
 BETA_FEATURES: tuple[Feature, ...] = (
     Feature("bias", "1", "1", lambda c: _lit(1.0)),
+    # Three physical terms the seed lacks, first so that they win over the seed's terms they are
+    # collinear with inside a specialist (independent_columns keeps the earlier column): without
+    # them every configuration pooled into one specialist shares one intercept, although weight
+    # and KV reads differ 10x, and the CPU cost per scheduled sequence (the same on every GPU)
+    # hides in per-configuration scaled terms. Leave-one-configuration-out measured the order.
+    Feature("weight_read_us", "weight_bytes_per_gpu / hbm_bandwidth", "us",
+            lambda c: _lit(c.weight_bytes_per_gpu / c.hbm_bytes_per_us)),
+    Feature("kv_read_us", "kv * kv_blocks_total * block_bytes / hbm_bandwidth", "us",
+            lambda c: _f("kv_usage_gpu_ratio") * _lit(c.kv_blocks_total * _block_bytes(c) / c.hbm_bytes_per_us)),
+    Feature("scheduled_seqs", "num_prefill_reqs + num_decode_reqs", "seq",
+            lambda c: _f("num_prefill_reqs") + _f("num_decode_reqs")),
     Feature("prefill_compute_us", "P * flops_per_token / (tp * peak_flops)", "us",
             lambda c: _f("prefill_tokens") * _lit(c.model.flops_per_token / (c.serving.tp * c.flops_per_us))),
     Feature("decode_kv_write_us", "D * kv_bytes_per_token / (tp * hbm_bandwidth)", "us",
@@ -91,16 +102,10 @@ BETA_FEATURES: tuple[Feature, ...] = (
             lambda c: _f("scheduled_tokens") * _lit(
                 c.model.experts_per_token / c.model.num_experts * c.model.expert_flops_per_token
                 / (c.serving.tp * c.flops_per_us) if c.model.is_moe else 0.0)),
-    # Two configuration-level physical terms the seed lacks: without them every configuration
-    # pooled into one specialist shares one intercept, although weight and KV reads differ 10x.
-    Feature("weight_read_us", "weight_bytes_per_gpu / hbm_bandwidth", "us",
-            lambda c: _lit(c.weight_bytes_per_gpu / c.hbm_bytes_per_us)),
-    Feature("kv_read_us", "kv * kv_blocks_total * block_bytes / hbm_bandwidth", "us",
-            lambda c: _f("kv_usage_gpu_ratio") * _lit(c.kv_blocks_total * _block_bytes(c) / c.hbm_bytes_per_us)),
 )
 
 BETA_COLUMNS = ["prefill_tokens", "decode_tokens", "scheduled_tokens", "running_depth", "kv_usage_gpu_ratio",
-                "kv_blocks_offloaded", "kv_blocks_restored"]
+                "kv_blocks_offloaded", "kv_blocks_restored", "num_prefill_reqs", "num_decode_reqs"]
 
 # --- alpha: one request's API-to-queue overhead ---------------------------------------------
 # Q = waiting_depth and R = running_depth at arrival, kv = KV usage at arrival,
@@ -108,6 +113,11 @@ BETA_COLUMNS = ["prefill_tokens", "decode_tokens", "scheduled_tokens", "running_
 
 ALPHA_FEATURES: tuple[Feature, ...] = (
     Feature("bias", "1", "1", lambda c: _lit(1.0)),
+    # Raw counts before the seed's normalised ones: tokenising a prompt and serving the running
+    # requests cost the API process per token and per sequence on any deployment, so these
+    # coefficients transfer; L / MML and R / MNS rescale them per configuration.
+    Feature("prompt_tokens", "L", "token", lambda c: _f("prompt_tokens")),
+    Feature("running_depth", "R", "seq", lambda c: _f("running_depth")),
     Feature("queue_fill", "Q / MNS", "1", lambda c: _f("waiting_depth") / _lit(c.serving.max_num_seqs)),
     Feature("queue_fill_sq", "(Q / MNS)^2", "1", lambda c: (_f("waiting_depth") / _lit(c.serving.max_num_seqs)) ** 2),
     Feature("kv_usage", "kv", "1", lambda c: _f("kv_usage_gpu_ratio")),

@@ -54,6 +54,7 @@ class TrainSettings:
     clustering: str = "kmeans"
     temperature: float = 0.1
     top_k: int | None = None
+    borrow: float = 0.1
     l1: float = 0.0
     noncrossing: bool = True
     solver: str = "HIGHS"
@@ -73,6 +74,8 @@ class TrainSettings:
             raise ReceError("--temperature must be positive")
         if self.top_k is not None and self.top_k < 1:
             raise ReceError("--top-k must be at least 1")
+        if not 0 <= self.borrow <= 1:
+            raise ReceError(f"--borrow must be in [0, 1], got {self.borrow}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -189,6 +192,22 @@ def prepare(shard: Shard, target: str, scale: np.ndarray, columns: np.ndarray,
 
 def _stack(parts: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def config_shares(ids: list[str], members: list[str], borrow: float) -> dict[str, float]:
+    """Total weight of each configuration in one specialist's fit: 1 for a member, ``borrow`` else.
+
+    Rows are weighted so each configuration counts by its share, not by its row count. With
+    ``borrow`` 0 a specialist sees only its members: inside it, configuration-level features
+    are nearly collinear, so their split is set by two or three configurations and extrapolates
+    badly to an unseen one. A small share of every other configuration pins those directions
+    down (what a global model knows) while the members still dominate the fit; ``borrow`` 1 is
+    the global model.
+    """
+    if borrow <= 0:
+        return {c: 1.0 for c in members}
+    inside = set(members)
+    return {c: 1.0 if c in inside else borrow for c in ids}
 
 
 def _penalize(p: int) -> np.ndarray:
@@ -327,12 +346,14 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     for t in TARGETS:
         for j, cids in members.items():
-            idx = [i for c in cids for i in by_config[c]]
+            share = config_shares(ids, cids, settings.borrow)
+            idx = [i for c in share for i in by_config[c]]
             scale = column_scale(np.vstack([st[i].col_max[t] for i in idx]))
             cols = independent_columns(sum(st[i].gram[t] for i in idx), scale)
-            n_cfg = {c: sum(st[i].train_rows[t] for i in by_config[c]) for c in cids}
-            total = sum(n_cfg.values())
-            refs = [prepare.remote(fs.shard_refs[i], t, scale, cols, total / (len(cids) * n_cfg[st[i].config_id]))
+            n_cfg = {c: sum(st[i].train_rows[t] for i in by_config[c]) for c in share}
+            total = sum(n_cfg[c] for c in cids)
+            refs = [prepare.remote(fs.shard_refs[i], t, scale, cols,
+                                   total * share[st[i].config_id] / (len(cids) * n_cfg[st[i].config_id]))
                     for i in idx if st[i].train_rows[t]]
             scales[(t, j)], columns[(t, j)], rows[(t, j)], part_refs[(t, j)] = scale, cols, total, refs
             fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)

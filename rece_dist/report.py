@@ -194,15 +194,17 @@ def plot_intervals(ev: Evaluation, out: Path, target: str = "beta", panels: int 
 
 
 def plot_sensitivity(ev: Evaluation, out: Path) -> str | None:
-    """Unseen relative pinball against temperature, one line per (K, top-k)."""
+    """Unseen relative pinball against temperature, one line per (K, borrow, top-k)."""
     if ev.sweep is None:
         return None
     g = ev.sweep.grid.filter(pl.col("target") == TARGETS[0])
+    several = g["borrow"].n_unique() > 1
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for (K, top_k), sub in sorted(g.group_by(["K", "top_k"]), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+    for (K, b, top_k), sub in sorted(g.group_by(["K", "borrow", "top_k"]),
+                                     key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))):
         sub = sub.sort("temperature")
-        ax.plot(sub["temperature"], sub["criterion"], marker="o", ms=3,
-                ls="-" if top_k == "dense" else "--", label=f"K={K}, top-k {top_k}")
+        ax.plot(sub["temperature"], sub["criterion"], marker="o", ms=3, ls="-" if top_k == "dense" else "--",
+                label=f"K={K}{f', borrow {b:g}' if several else ''}, top-k {top_k}")
     c = ev.sweep.chosen
     ax.scatter([c["temperature"]], [c["criterion"]], s=150, facecolor="none", edgecolor="k", lw=1.5, zorder=5,
                label="chosen")

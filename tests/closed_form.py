@@ -37,7 +37,8 @@ def write_closed_form_store(root: str, seed: int = 0) -> list[DeploymentConfig]:
     for k, cfg in enumerate(cfgs):
         store.write_config(cfg)
         for day in ("2026-11-01", "2026-11-02"):
-            P = rng.integers(0, 2048, N_STEPS)
+            # half the steps decode-only, as in a serving engine: whether a step prefills is a feature too
+            P = np.where(rng.random(N_STEPS) < 0.5, 0, rng.integers(1, 2048, N_STEPS))
             D = rng.integers(0, 128, N_STEPS)
             dur = truth_beta(k, P, D) + rng.exponential(STEP_NOISE, N_STEPS)
             start = np.cumsum(np.full(N_STEPS, 20_000_000)) + (0 if day.endswith("01") else 10**14)

@@ -18,7 +18,9 @@ from rece_dist.evaluate import (Cell, EvalOptions, artifact_splits, EvaluationEr
 from rece_dist.pipeline import FeatureSet, ShardStats, TrainSettings, featurize_store, fit_ensemble
 
 QS = (0.1, 0.5, 0.9)
-SETTINGS = TrainSettings(specialists=2, holdout_every=2, noncrossing=False)
+# borrow 0: the seed's RECE, whose one-configuration specialists are exactly the donor baseline
+# (checked below); borrowing itself is checked through the sweep's borrow grid.
+SETTINGS = TrainSettings(specialists=2, holdout_every=2, noncrossing=False, borrow=0.0)
 
 
 # --- metrics and aggregation by hand ----------------------------------------------------------
@@ -218,7 +220,7 @@ def test_no_fit_sees_a_held_out_configuration_or_date(truth_fs, evaluation):
 def evaluation(truth_fs):
     doc = fit_ensemble(truth_fs, SETTINGS)
     opts = EvalOptions(protocols=("loco",), sparse_top_k=1, k_grid=(2,), temperatures=(0.1, 1.0), top_ks=(1, None),
-                       donor_experiment=False, sample_rows=50)
+                       borrows=(0.0, 0.5), donor_experiment=False, sample_rows=50)
     return evaluate(truth_fs, SETTINGS, doc, opts)
 
 
@@ -265,11 +267,24 @@ def test_sweep_and_embedding_check_cover_the_grid(evaluation):
     sw = ev.sweep
     assert sw.folds == 3
     assert set(sw.grid["top_k"].to_list()) == {"1", "dense"} and set(sw.grid["temperature"].to_list()) == {0.1, 1.0}
+    assert set(sw.grid["borrow"].to_list()) == {0.0, 0.5}
     best = sw.grid.sort("criterion").row(0, named=True)
     assert sw.chosen["criterion"] == pytest.approx(best["criterion"])
     chk = ev.embedding
     assert len(chk.emb_distance) == 3 and set(chk.behaviour_distance) == {"alpha", "beta"}
     assert chk.clusters["K"].to_list() == [2]
+
+
+def test_borrowing_transfers_the_shared_law(evaluation):
+    """Every configuration of tests/ground_truth.py follows one law, weight reads included. A
+    training fold holds two configurations, so at K=2 each specialist has one and cannot tell its
+    weight-read time from its intercept; borrowing the other's rows pins that down, which must
+    show as a lower held-out loss at every temperature and top-k."""
+    crit = (evaluation.sweep.grid.filter(pl.col("target") == "beta")
+            .pivot(on="borrow", index=["temperature", "top_k"], values="criterion"))
+    assert crit.height == 4
+    assert (crit["0.5"] < 0.5 * crit["0.0"]).all(), crit  # measured: 0.04 vs 0.31
+    assert evaluation.sweep.chosen["borrow"] == 0.5
 
 
 def test_probe_grid_recovers_the_stores_input_distributions(evaluation):

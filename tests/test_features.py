@@ -32,8 +32,8 @@ def test_model_quantities_match_published_figures(cat):
 def _steps() -> pl.DataFrame:
     return pl.DataFrame({
         "prefill_tokens": [1000, 0], "decode_tokens": [24, 64], "scheduled_tokens": [1024, 64],
-        "running_depth": [40, 64], "kv_usage_gpu_ratio": [0.5, 0.25],
-        "kv_blocks_offloaded": [0, 10], "kv_blocks_restored": [3, 0],
+        "running_depth": [40, 64], "kv_usage_gpu_ratio": [0.5, 0.25], "num_prefill_reqs": [2, 0],
+        "num_decode_reqs": [24, 64], "kv_blocks_offloaded": [0, 10], "kv_blocks_restored": [3, 0],
     })
 
 
@@ -67,6 +67,7 @@ def test_beta_features_by_hand(cat):
     np.testing.assert_allclose(f["moe_expert_compute_us"], 0)
     weights = cat.model("Llama-2-70b-hf").total_params * 2 / 4
     np.testing.assert_allclose(f["weight_read_us"], weights / 3.35e12 * 1e6, rtol=1e-12)
+    np.testing.assert_allclose(f["scheduled_seqs"], [26, 64])
 
 
 def test_moe_terms_appear_only_for_moe(cat):
@@ -98,6 +99,8 @@ def test_alpha_features_and_asof_load(cat):
     X = feature_matrix(joined, cfg, "alpha")
     f = {feat.name: X[:, i] for i, feat in enumerate(ALPHA_FEATURES)}
     np.testing.assert_allclose(f["queue_fill"], [0, 20 / 64, 30 / 64])
+    np.testing.assert_allclose(f["prompt_tokens"], [1024, 512, 2048])
+    np.testing.assert_allclose(f["running_depth"], [0, 2, 3])
     np.testing.assert_allclose(f["queue_fill_sq"], [0, (20 / 64) ** 2, (30 / 64) ** 2])
     np.testing.assert_allclose(f["prompt_frac"], [1024 / 4096, 512 / 4096, 2048 / 4096])
     np.testing.assert_allclose(f["queue_x_kv"], [0, 20 * 0.2 / 64, 30 * 0.3 / 64], rtol=1e-6)

@@ -16,7 +16,7 @@ from closed_form import REQ_NOISE, STEP_NOISE, truth_alpha, truth_beta, write_cl
 from rece_dist import artifact
 from rece_dist.ensemble import RECEModel
 from rece_dist.errors import ReceError, SchemaError, StoreError
-from rece_dist.pipeline import TrainSettings, train
+from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble, train
 from rece_dist.store import Store
 
 
@@ -26,6 +26,7 @@ def test_recovers_known_quantiles(truth_store, trained):
     P = np.array([0, 512, 2000, 1024])
     D = np.array([100, 0, 10, 64])
     rows = pl.DataFrame({"prefill_tokens": P, "decode_tokens": D, "scheduled_tokens": P + D,
+                         "num_prefill_reqs": (P > 0).astype(int), "num_decode_reqs": D,
                          "running_depth": [10, 20, 30, 40], "kv_usage_gpu_ratio": [0.1, 0.5, 0.9, 0.3],
                          "kv_blocks_offloaded": [0] * 4, "kv_blocks_restored": [0] * 4})
     for k, cfg in enumerate(cfgs):
@@ -71,7 +72,9 @@ def test_artifact_round_trip_predicts_identically(truth_store, trained, tmp_path
     rows = pl.DataFrame({"prefill_tokens": rng.integers(0, 2048, 200), "decode_tokens": rng.integers(0, 128, 200),
                          "running_depth": rng.integers(0, 128, 200), "kv_usage_gpu_ratio": rng.uniform(0, 1, 200),
                          "kv_blocks_offloaded": np.zeros(200, int), "kv_blocks_restored": np.zeros(200, int)}
-                        ).with_columns(scheduled_tokens=pl.col("prefill_tokens") + pl.col("decode_tokens"))
+                        ).with_columns(scheduled_tokens=pl.col("prefill_tokens") + pl.col("decode_tokens"),
+                                       num_prefill_reqs=(pl.col("prefill_tokens") > 0).cast(pl.Int64),
+                                       num_decode_reqs=pl.col("decode_tokens"))
     for cfg in cfgs:
         a, b = live.predict("beta", rows, cfg), loaded.predict("beta", rows, cfg)
         np.testing.assert_array_equal(a.values, b.values)
@@ -81,7 +84,7 @@ def test_artifact_round_trip_predicts_identically(truth_store, trained, tmp_path
 
 def test_training_is_deterministic(truth_store, trained, ray_local):
     root, _ = truth_store
-    again = train(root, TrainSettings(specialists=2, seed=0))
+    again = train(root, TrainSettings(**trained.artifact["training"]["settings"]))
     assert artifact.digest(again.artifact) == artifact.digest(trained.artifact)
 
 
@@ -113,3 +116,21 @@ def test_bad_settings_rejected():
         TrainSettings(quantiles=(0.9, 0.1))
     with pytest.raises(ReceError, match="temperature"):
         TrainSettings(temperature=0)
+    with pytest.raises(ReceError, match="borrow"):
+        TrainSettings(borrow=1.5)
+
+
+def test_borrowing_everything_is_the_global_model(truth_store, ray_local):
+    """borrow=1 gives every configuration equal weight in every specialist: each specialist's
+    LP is the global model's (up to a constant factor on the weights), fitted independently."""
+    settings = TrainSettings(specialists=2, borrow=1.0, noncrossing=False)
+    fs = featurize_store(truth_store[0], settings)
+    doc = fit_ensemble(fs, settings)
+    glob = fit_ensemble(fs, settings, labels={c: 0 for c in fs.config_ids})
+    assert len(doc["specialists"]) == 2 and len(glob["specialists"]) == 1
+    ref = glob["specialists"][0]["coefficients"]
+    for sp in doc["specialists"]:
+        assert len(sp["members"]) < len(fs.config_ids)
+        for t in ("alpha", "beta"):
+            for q, coef in sp["coefficients"][t].items():
+                np.testing.assert_allclose(coef, ref[t][q], rtol=1e-5, atol=1e-9, err_msg=f"{t} {q}")
