@@ -16,14 +16,12 @@ mean over the pool, not a draw).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import polars as pl
-import yaml
 
-from .config import Catalog, DeploymentConfig, config_vector
+from .config import Catalog, DeploymentConfig, config_vector, read_document
 from .errors import ConfigError
 from .evaluate import EvaluationError, Fitter, FitRequest, PredictJob, aggregate, predict_cells
 from .pipeline import TARGETS
@@ -79,12 +77,7 @@ def rank_donors(stored: Sequence[DeploymentConfig], candidates: Sequence[Deploym
 
 def load_candidates(path: str, catalog: Catalog | None = None) -> list[DeploymentConfig]:
     """A YAML/JSON list of configuration documents, each resolved against the catalog."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: candidates file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid JSON/YAML ({exc})") from None
+    doc = read_document(path, "candidates file")
     if not isinstance(doc, list) or not doc:
         raise ConfigError(f"{path}: expected a non-empty list of configuration documents")
     catalog = catalog or Catalog.default()

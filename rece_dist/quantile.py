@@ -39,8 +39,11 @@ where rho_tau(r) = max(tau*r, (tau-1)*r).  cvxpy only ever sees a small problem:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -333,6 +336,26 @@ def _cost_shift_scale(X: np.ndarray, y: np.ndarray, cols: np.ndarray) -> tuple[n
     return g, 2.0 ** round(math.log2(q))
 
 
+@functools.cache
+def _swallow_highs_banner() -> None:
+    """HiGHS writes a two-line copyright banner to stdout when a process creates its first
+    solver; from Ray workers it lands between the tables a user reads. Create that first
+    instance with stdout pointed at /dev/null (once per process; later ones print nothing)."""
+    try:
+        import highspy
+    except ImportError:
+        return
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
 class _DualLP:
     """max sum_k c'a_k  s.t. per block k:  X'a_k - X_{C_k}'mu_k + X_{C_{k-1}}'mu_{k-1}  =  rhs_k
     (unpenalised columns) or within +-lam of it (penalised columns), lo <= a_k <= hi, mu >= 0,
@@ -348,6 +371,8 @@ class _DualLP:
         import cvxpy as cp
 
         self.cp = cp
+        if solver == "HIGHS":
+            _swallow_highs_banner()
         m, p = X.shape
         K = len(lams)
         self.m, self.p, self.K = m, p, K
