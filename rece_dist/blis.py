@@ -60,7 +60,7 @@ def golden_vectors(doc: Mapping[str, Any], probes: list[DeploymentConfig] | None
                                 "weights": model.weights(cfg).tolist()}
         for target, probes_rows in (("beta", BETA_PROBES), ("alpha", ALPHA_PROBES)):
             X = feature_matrix(rows_frame(target, probes_rows, "golden probes"), cfg, target)
-            pred = model.predict_matrix(target, X, model.weights(cfg))
+            pred = model.predict_matrix(target, X, model.weights(cfg), model.unseen(cfg))
             case[target] = [{"input": row, "features": x.tolist(),
                              "quantiles": {_qkey(q): float(v) for q, v in zip(pred.quantiles, vals)}}
                             for row, x, vals in zip(probes_rows, X, pred.values)]

@@ -58,7 +58,7 @@ def _settings(args: argparse.Namespace):
 
     return TrainSettings(
         specialists=args.specialists, quantiles=tuple(args.quantiles), clustering=args.clustering,
-        temperature=args.temperature, top_k=args.top_k, borrow=args.borrow, l1=args.l1, noncrossing=not args.allow_crossing,
+        temperature=args.temperature, top_k=args.top_k, borrow=args.borrow, calibrate_folds=args.calibrate_folds, l1=args.l1, noncrossing=not args.allow_crossing,
         solver=args.solver, date_from=args.date_from, date_to=args.date_to, seed=args.seed,
     )
 
@@ -220,6 +220,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
         labels = ", ".join(doc["configurations"][c]["label"] for c in s["members"])
         print(f"  specialist {s['id']}: {labels}")
     print(summary_table(doc))
+    cal = doc.get("unseen_calibration")
+    if cal:
+        widen = "; ".join(f"{t} " + " ".join(f"P{float(q) * 100:g} x{f:.3g}" for q, f in fs.items())
+                          for t, fs in cal["factors"].items())
+        print(f"unseen configurations: intervals widened from the median ({cal['folds']}-fold {cal['method']}): {widen}")
     return 0
 
 
@@ -233,6 +238,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--borrow", type=float, default=0.1,
                    help="weight of every non-member configuration in a specialist's fit, relative to a member's "
                         "(0: members only; 1: the global model)")
+    g.add_argument("--calibrate-folds", type=int, default=0,
+                   help="widen intervals for configurations not in training, measured by this many refits over "
+                        "groups of configurations (0: off)")
     g.add_argument("--l1", type=float, default=0.0, help="L1 penalty (scikit-learn's alpha) on scaled coefficients")
     g.add_argument("--allow-crossing", action="store_true", help="skip the non-crossing re-solve")
     g.add_argument("--solver", default="HIGHS", help="cvxpy LP solver (HIGHS, CLARABEL)")

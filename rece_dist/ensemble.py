@@ -12,6 +12,12 @@ The quantile predictions of one row are then put in non-decreasing order (monoto
 rearrangement) if they cross; how many rows needed it is returned, since it should be rare
 once the fits use the non-crossing option.
 
+For a configuration the artifact was not trained on, an artifact with ``unseen_calibration``
+widens every quantile's distance from the median by that quantile's factor c (measured by
+grouped cross-validation over configurations at training time), then rearranges again:
+
+    q_tau' = q_mid + c_tau * (q_tau - q_mid)
+
 This module reads only the artifact document, so a model loaded from JSON and the model the
 training job built in memory are the same object and predict the same floats.
 """
@@ -85,6 +91,17 @@ class RECEModel:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"artifact is malformed ({type(exc).__name__}: {exc})") from None
         self.members = {cid: i for i, s in enumerate(doc["specialists"]) for cid in s["members"]}
+        self.known = frozenset(doc.get("configurations", {}))
+        try:
+            cal = doc.get("unseen_calibration")
+            self.widen = None if cal is None else {
+                t: np.asarray([cal["factors"][t][_qkey(q)] for q in self.quantiles], dtype=np.float64) for t in FEATURES}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"artifact's unseen_calibration is malformed ({type(exc).__name__}: {exc})") from None
+
+    def unseen(self, cfg: DeploymentConfig) -> bool:
+        """True for a configuration the artifact was not trained on (its intervals get widened)."""
+        return cfg.config_id not in self.known
 
     def embed(self, cfg: DeploymentConfig) -> np.ndarray:
         return (config_vector(cfg) - self.center) / self.scale
@@ -96,10 +113,14 @@ class RECEModel:
         return mixing_weights(self.similarity(cfg), temperature or self.temperature,
                               self.top_k if top_k is None else top_k)
 
-    def predict_matrix(self, target: str, X: np.ndarray, weights: np.ndarray) -> Prediction:
-        """Mix specialists' quantile predictions for feature rows X (natural units)."""
+    def predict_matrix(self, target: str, X: np.ndarray, weights: np.ndarray, unseen: bool = False) -> Prediction:
+        """Mix specialists' quantile predictions for feature rows X (natural units); ``unseen``
+        applies the artifact's widening for configurations it was not trained on."""
         coef = np.einsum("s,sqf->qf", weights, self.coef[target])
         values, crossed = rearrange(X @ coef.T)
+        if unseen and self.widen is not None:
+            mid = values[:, [len(self.quantiles) // 2]]
+            values, _ = rearrange(mid + self.widen[target] * (values - mid))
         return Prediction(self.quantiles, values, weights, crossed)
 
     def predict(self, target: str, rows: pl.DataFrame, cfg: DeploymentConfig, *,
@@ -108,7 +129,7 @@ class RECEModel:
         if target not in self.coef:
             raise ValueError(f"unknown target {target!r}; use alpha or beta")
         X = feature_matrix(rows, cfg, target)
-        return self.predict_matrix(target, X, self.weights(cfg, top_k, temperature))
+        return self.predict_matrix(target, X, self.weights(cfg, top_k, temperature), self.unseen(cfg))
 
 
 def _qkey(q: float) -> str:
@@ -157,13 +178,13 @@ def predict_payload(model: RECEModel, cfg: DeploymentConfig, payload: Mapping[st
     weights = model.weights(cfg)
     out: dict[str, Any] = {
         "config_id": cfg.config_id,
-        "seen_in_training": cfg.config_id in model.members,
+        "seen_in_training": not model.unseen(cfg),
         "weights": weights.tolist(),
     }
     for target in ("alpha", "beta"):
         if target in payload:
             X = feature_matrix(rows_frame(target, payload[target], where), cfg, target)
-            pred = model.predict_matrix(target, X, weights)
+            pred = model.predict_matrix(target, X, weights, model.unseen(cfg))
             out[target] = [{_qkey(q): float(v) for q, v in zip(pred.quantiles, row)} for row in pred.values]
             out[f"{target}_rows_rearranged"] = pred.rows_sorted
     return out

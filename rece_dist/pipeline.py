@@ -55,6 +55,7 @@ class TrainSettings:
     temperature: float = 0.1
     top_k: int | None = None
     borrow: float = 0.1
+    calibrate_folds: int = 0
     l1: float = 0.0
     noncrossing: bool = True
     solver: str = "HIGHS"
@@ -76,6 +77,8 @@ class TrainSettings:
             raise ReceError("--top-k must be at least 1")
         if not 0 <= self.borrow <= 1:
             raise ReceError(f"--borrow must be in [0, 1], got {self.borrow}")
+        if self.calibrate_folds < 0 or self.calibrate_folds == 1:
+            raise ReceError(f"--calibrate-folds must be 0 (off) or at least 2, got {self.calibrate_folds}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -237,7 +240,7 @@ def evaluate_shard(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, all
     out: dict[str, Any] = {}
     for t in TARGETS:
         mask = np.ones(len(shard.y[t]), dtype=bool) if all_rows else shard.holdout[t]
-        pred = model.predict_matrix(t, shard.X[t][mask], w)
+        pred = model.predict_matrix(t, shard.X[t][mask], w, model.unseen(cfg))
         out[t] = (shard.y[t][mask], pred.values, pred.rows_sorted)
     return out
 
@@ -314,7 +317,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     (kept out of the artifact, whose bytes must not depend on the clock).
 
     ``labels`` fixes the specialists instead of clustering (baselines: one global group, one
-    group per configuration).
+    group per configuration); only a clustered fit gets ``settings.calibrate_folds``' widening.
     """
     shards = list(range(len(fs.stats))) if shards is None else shards
     ids = sorted({fs.stats[i].config_id for i in shards})
@@ -374,7 +377,62 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
                        lp_seconds=[f.seconds for fl in fits.values() for f in fl],
                        lp_rows=[f.n_rows for fl in fits.values() for f in fl])
     dates = sorted({st[i].date for i in shards})
-    return _assemble(fs.configs, ids, emb, clus, members, fits, scales, columns, rows, crossing, settings, dates)
+    doc = _assemble(fs.configs, ids, emb, clus, members, fits, scales, columns, rows, crossing, settings, dates)
+    if settings.calibrate_folds and labels is None:
+        doc["unseen_calibration"] = unseen_calibration(fs, settings, shards)
+    return doc
+
+
+def widening_factor(ratio: np.ndarray, weight: np.ndarray, level: float) -> float:
+    """Smallest c >= 0 with weighted P(ratio <= c) >= level (inverted CDF, so it is attained)."""
+    ok = np.isfinite(ratio)
+    if not ok.any():
+        return 1.0
+    return max(0.0, float(np.quantile(ratio[ok], level, weights=weight[ok], method="inverted_cdf")))
+
+
+def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int]) -> dict[str, Any]:
+    """Per target and quantile, how far from the median a quantile must move to hold its level
+    on configurations the fit never saw (split-conformal over groups of configurations).
+
+    Held-out intervals of seen configurations only carry within-configuration noise; on a new
+    configuration the model's own transfer error adds to it. Fold k refits on every group but
+    k and predicts group k's rows; for tau below the median the factor is the (1 - tau)
+    quantile of (q_mid - y) / (q_mid - q_tau), above it the tau quantile of (y - q_mid) /
+    (q_tau - q_mid), every configuration weighing the same.
+    """
+    ids = sorted({fs.stats[i].config_id for i in shards})
+    if len(ids) < 3:
+        raise ReceError(f"--calibrate-folds needs at least 3 configurations to hold some out; got {len(ids)}")
+    n = min(settings.calibrate_folds, len(ids))
+    inner = dataclasses.replace(settings, calibrate_folds=0)
+    order = np.random.default_rng(settings.seed).permutation(len(ids))
+    qs = settings.quantiles
+    mid = len(qs) // 2
+    held: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}  # (target, config) -> (y, quantiles)
+    for k in range(n):
+        out = {ids[i] for i in order[k::n]}
+        log(f"[rece] unseen calibration: fold {k + 1}/{n}, holding out {len(out)} configuration(s)")
+        doc = fit_ensemble(fs, inner, [i for i in shards if fs.stats[i].config_id not in out])
+        test = [i for i in shards if fs.stats[i].config_id in out]
+        for i, res in zip(test, predict_shards(doc, fs, test, rows="all")):
+            for t in TARGETS:
+                held.setdefault((t, fs.stats[i].config_id), []).append(res[t][:2])
+    factors: dict[str, dict[str, float]] = {}
+    for t in TARGETS:
+        per_config = [(np.concatenate([p[0] for p in v]), np.vstack([p[1] for p in v]))
+                      for (tt, _), v in sorted(held.items()) if tt == t]
+        y = np.concatenate([p[0] for p in per_config])
+        V = np.vstack([p[1] for p in per_config])
+        w = np.concatenate([np.full(len(p[0]), 1.0 / max(len(p[0]), 1)) for p in per_config])
+        factors[t] = {}
+        for j, q in enumerate(qs):
+            d = V[:, j] - V[:, mid]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = (y - V[:, mid]) / d
+            level = q if j > mid else 1 - q
+            factors[t][_qkey(q)] = 1.0 if j == mid else widening_factor(np.where(d != 0, ratio, np.nan), w, level)
+    return {"method": "grouped cross-validation over configurations", "folds": n, "factors": factors}
 
 
 def predict_shards(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows: str = "holdout",

@@ -5,7 +5,9 @@ row's features computed by ``features.feature_matrix`` for its own configuration
 conditional quantiles are therefore linear in the features, q_tau = (x . coef)(1 - s ln(1 - tau)),
 for every configuration alike: a model pooled over configurations can transfer exactly, while a
 per-configuration model cannot learn configuration-level terms (weight reads, KV size), which
-are constant within a configuration. ``slowdown`` multiplies the last date's latencies (drift).
+are constant within a configuration. ``slowdown`` multiplies the last date's latencies (drift);
+``config_spread`` s multiplies each configuration's latencies by its own exp(s * z), z ~ N(0, 1):
+an effect no feature explains, so no model can know it for a configuration it has not seen.
 """
 
 from __future__ import annotations
@@ -43,16 +45,17 @@ def true_quantile(X: np.ndarray, target: str, tau: float) -> np.ndarray:
 
 
 def write_store(root: str, n_configs: int = 4, rows: int = 1000, dates: tuple[str, ...] = DATES[:2],
-                slowdown: float = 1.0, seed: int = 0) -> list[DeploymentConfig]:
+                slowdown: float = 1.0, seed: int = 0, config_spread: float = 0.0) -> list[DeploymentConfig]:
     rng = np.random.default_rng(seed)
+    own = np.exp(config_spread * np.random.default_rng(seed + 1).standard_normal(n_configs))
     store = Store(root)
     store.init({"generator": "tests/ground_truth.py"})
     cfgs = configs(n_configs)
-    for cfg in cfgs:
+    for k, cfg in enumerate(cfgs):
         store.write_config(cfg)
         mbt, seqs = cfg.serving.max_num_batched_tokens, cfg.serving.max_num_seqs
         for d, day in enumerate(dates):
-            factor = slowdown if d == len(dates) - 1 else 1.0
+            factor = own[k] * (slowdown if d == len(dates) - 1 else 1.0)
             P = rng.integers(0, mbt // 2, rows)
             D = rng.integers(1, seqs, rows)
             start = 10**15 + d * 10**14 + np.arange(rows, dtype=np.int64) * 50_000_000

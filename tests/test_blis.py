@@ -22,8 +22,9 @@ from rece_dist.config import Catalog
 from rece_dist.ensemble import RECEModel
 
 
-def _reference_quantiles(doc: dict, embedding: list[float], x: list[float], target: str) -> tuple[list[float], list[float]]:
-    """docs/artifact.md sections 2-5, from the artifact's JSON and a feature vector."""
+def _reference_quantiles(doc: dict, embedding: list[float], x: list[float], target: str,
+                         config_id: str) -> tuple[list[float], list[float]]:
+    """docs/artifact.md sections 2-6, from the artifact's JSON and a feature vector."""
     sims = []
     for s in doc["specialists"]:
         m = s["centroid"]
@@ -41,7 +42,12 @@ def _reference_quantiles(doc: dict, embedding: list[float], x: list[float], targ
         beta = [sum(w[s] * doc["specialists"][s]["coefficients"][target][repr(float(tau))][f] for s in range(len(w)))
                 for f in range(len(x))]
         qs.append(sum(a * b for a, b in zip(beta, x)))
-    return sorted(qs), w
+    qs = sorted(qs)
+    if "unseen_calibration" in doc and config_id not in doc["configurations"]:
+        factors = doc["unseen_calibration"]["factors"][target]
+        mid = qs[len(qs) // 2]
+        qs = sorted(mid + factors[repr(float(tau))] * (q - mid) for tau, q in zip(doc["quantiles"], qs))
+    return qs, w
 
 
 def _embedding(doc: dict, cfg) -> list[float]:
@@ -60,10 +66,20 @@ def test_artifact_matches_its_json_schema(trained):
     broken["specialists"][0]["coefficients"]["beta"]["0.5x"] = [1.0]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+    doc["unseen_calibration"] = {"method": "grouped cross-validation over configurations", "folds": 3,
+                                 "factors": {t: {"0.1": 2.0, "0.5": 1.0, "0.9": 3.0} for t in ("alpha", "beta")}}
+    jsonschema.validate(doc, schema)
+    doc["unseen_calibration"]["factors"]["beta"]["0.9"] = -1.0
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, schema)
 
 
-def test_golden_vectors_reproduce_from_the_artifact_alone(trained):
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_golden_vectors_reproduce_from_the_artifact_alone(trained, calibrated):
     doc = json.loads(artifact.canonical_bytes(trained.artifact))  # exactly what is published
+    if calibrated:  # as `rece train --calibrate-folds` would add (values made up: unequal, to catch a swap)
+        doc["unseen_calibration"] = {"method": "grouped cross-validation over configurations", "folds": 2,
+                                     "factors": {t: {"0.1": 1.7, "0.5": 1.0, "0.9": 2.4} for t in ("alpha", "beta")}}
     golden = json.loads(json.dumps(golden_vectors(doc, probe_configs())))
     assert golden["artifact_sha256"] == artifact.digest(doc)
     seen = [c["seen_in_training"] for c in golden["cases"]]
@@ -75,7 +91,7 @@ def test_golden_vectors_reproduce_from_the_artifact_alone(trained):
         np.testing.assert_allclose(emb, case["embedding"], rtol=1e-12, atol=1e-12)
         for target in ("alpha", "beta"):
             for row in case[target]:
-                ref, w = _reference_quantiles(doc, case["embedding"], row["features"], target)
+                ref, w = _reference_quantiles(doc, case["embedding"], row["features"], target, case["config_id"])
                 np.testing.assert_allclose(w, case["weights"], rtol=1e-12, atol=1e-15)
                 got = [row["quantiles"][repr(float(q))] for q in doc["quantiles"]]
                 np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-9)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import yaml
 from closed_form import STEP_NOISE, configs, truth_beta
+from ground_truth import write_store
 
 from rece_dist.cli import main
 from rece_dist.publish import list_versions, resolve
@@ -74,3 +75,15 @@ def test_nightly_gate_refuses_a_worse_model(truth_store, ray_local, tmp_path, ca
     assert resolve(out)[1]["version"] == good and list_versions(out) == [good]
     assert main(["train", "--store", root, "--out", out, *worse, "--force"]) == 0
     assert resolve(out)[1]["version"] != good and resolve(out)[1]["previous"] == good
+
+
+def test_calibrated_training_from_the_command_line(truth_store, ray_local, tmp_path, capsys):
+    assert main(["train", "--store", truth_store[0], "--out", str(tmp_path / "a"), "--calibrate-folds", "2"]) == 2
+    assert "needs at least 3 configurations" in capsys.readouterr().err  # the truth store has 2
+    root, out = str(tmp_path / "store"), str(tmp_path / "b")
+    write_store(root, n_configs=3, rows=300, config_spread=0.25)
+    assert main(["train", "--store", root, "--out", out, "--specialists", "2", "--calibrate-folds", "3"]) == 0
+    doc, _ = resolve(out)
+    assert doc["unseen_calibration"]["folds"] == 3
+    assert main(["show", out]) == 0
+    assert "unseen configurations: intervals widened from the median (3-fold" in capsys.readouterr().out

@@ -12,11 +12,12 @@ import numpy as np
 import polars as pl
 import pytest
 from closed_form import REQ_NOISE, STEP_NOISE, truth_alpha, truth_beta, write_closed_form_store
+from ground_truth import write_store
 
 from rece_dist import artifact
 from rece_dist.ensemble import RECEModel
 from rece_dist.errors import ReceError, SchemaError, StoreError
-from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble, train
+from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble, predict_shards, train, widening_factor
 from rece_dist.store import Store
 
 
@@ -134,3 +135,41 @@ def test_borrowing_everything_is_the_global_model(truth_store, ray_local):
         for t in ("alpha", "beta"):
             for q, coef in sp["coefficients"][t].items():
                 np.testing.assert_allclose(coef, ref[t][q], rtol=1e-5, atol=1e-9, err_msg=f"{t} {q}")
+
+
+def test_widening_factor_by_hand():
+    r = np.array([0.5, 1.0, 2.0, 3.0, np.nan])
+    assert widening_factor(r, np.ones(5), 0.75) == 2.0          # 3 of 4 finite ratios <= 2
+    assert widening_factor(r, np.array([1, 1, 1, 5, 1.0]), 0.75) == 3.0  # the 3.0 row weighs half
+    assert widening_factor(np.array([-2.0, -1.0]), np.ones(2), 0.9) == 0.0  # never negative
+    assert widening_factor(np.array([np.nan]), np.ones(1), 0.9) == 1.0       # nothing to measure: unchanged
+
+
+def test_unseen_calibration_covers_configurations_never_seen(tmp_path, ray_local):
+    """Each configuration carries its own unexplained factor (ground_truth's config_spread), so a
+    configuration outside training is off by it: the plain interval, which carries only the
+    noise within a configuration, misses; the calibrated one, widened by factors measured on
+    other held-out configurations, covers. Seen configurations are left exactly as they were."""
+    root = str(tmp_path / "store")
+    write_store(root, n_configs=6, rows=600, config_spread=0.25, seed=3)
+    settings = TrainSettings(specialists=2, holdout_every=2, noncrossing=False, calibrate_folds=4)
+    fs = featurize_store(root, settings)
+    ids = fs.config_ids
+    train_shards, test_shards = fs.shards_of(ids[:4]), fs.shards_of(ids[4:])
+    doc = fit_ensemble(fs, settings, train_shards)
+    cal = doc["unseen_calibration"]
+    assert cal["folds"] == 4 and cal["factors"]["beta"]["0.5"] == 1.0
+    plain = {k: v for k, v in doc.items() if k != "unseen_calibration"}
+
+    def coverage(d, shards, rows):
+        out = predict_shards(d, fs, shards, rows=rows)
+        y = np.concatenate([o["beta"][0] for o in out])
+        v = np.vstack([o["beta"][1] for o in out])
+        return float(np.mean((y >= v[:, 0]) & (y <= v[:, -1]))), v
+
+    cov_plain, _ = coverage(plain, test_shards, "all")
+    cov_cal, _ = coverage(doc, test_shards, "all")
+    assert cal["factors"]["beta"]["0.9"] > 1.5 and cal["factors"]["beta"]["0.1"] > 1.5, cal
+    assert cov_cal > cov_plain + 0.2 and cov_cal >= 0.7, (cov_plain, cov_cal)
+    seen_plain = coverage(plain, train_shards, "holdout")[1]
+    np.testing.assert_array_equal(coverage(doc, train_shards, "holdout")[1], seen_plain)
