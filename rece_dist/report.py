@@ -194,24 +194,31 @@ def plot_intervals(ev: Evaluation, out: Path, target: str = "beta", panels: int 
 
 
 def plot_sensitivity(ev: Evaluation, out: Path) -> str | None:
-    """Unseen relative pinball against temperature, one line per (K, borrow, top-k)."""
+    """Unseen relative pinball against temperature: one panel per borrow value, a colour per K,
+    solid for dense mixing, dotted for top-1, dashed for other top-k (K=1 ignores borrow and is
+    drawn in every panel)."""
     if ev.sweep is None:
         return None
     g = ev.sweep.grid.filter(pl.col("target") == TARGETS[0])
-    several = g["borrow"].n_unique() > 1
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    for (K, b, top_k), sub in sorted(g.group_by(["K", "borrow", "top_k"]),
-                                     key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2]))):
-        sub = sub.sort("temperature")
-        ax.plot(sub["temperature"], sub["criterion"], marker="o", ms=3, ls="-" if top_k == "dense" else "--",
-                label=f"K={K}{f', borrow {b:g}' if several else ''}, top-k {top_k}")
+    borrows = sorted(set(g.filter(pl.col("K") > 1)["borrow"].to_list())) or [0.0]
+    ks = sorted(set(g["K"].to_list()))
+    colour = {K: plt.cm.viridis(i / max(len(ks) - 1, 1)) for i, K in enumerate(ks)}
+    fig, axes = plt.subplots(1, len(borrows), figsize=(4.2 * len(borrows) + 2, 4.6), sharey=True, squeeze=False)
     c = ev.sweep.chosen
-    ax.scatter([c["temperature"]], [c["criterion"]], s=150, facecolor="none", edgecolor="k", lw=1.5, zorder=5,
-               label="chosen")
-    ax.set(xscale="log", yscale="log", xlabel="temperature", ylabel="relative pinball, unseen (mean of alpha, beta)",
-           title=f"sensitivity ({ev.sweep.folds}-fold grouped CV over configurations)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    ax.grid(alpha=0.3)
+    for ax, b in zip(axes[0], borrows):
+        panel = g.filter((pl.col("borrow") == b) | (pl.col("K") == 1))
+        for (K, top_k), sub in sorted(panel.group_by(["K", "top_k"]), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+            sub = sub.sort("temperature")
+            ax.plot(sub["temperature"], sub["criterion"], marker="o", ms=3, color=colour[K],
+                    ls={"dense": "-", "1": ":"}.get(top_k, "--"), label=f"K={K}, top-k {top_k}")
+        if c["K"] == 1 or c["borrow"] == b:
+            ax.scatter([c["temperature"]], [c["criterion"]], s=150, facecolor="none", edgecolor="k", lw=1.5,
+                       zorder=5, label="chosen")
+        ax.set(xscale="log", yscale="log", xlabel="temperature", title=f"borrow {b:g}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("relative pinball, unseen (mean of alpha, beta)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(f"sensitivity ({ev.sweep.folds}-fold grouped CV over configurations)")
     return _save(fig, out, "sensitivity.png")
 
 
@@ -308,8 +315,9 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
     parts = [f"<h1>RECE evaluation</h1><p class='note'>store <code>{html.escape(ev.store_uri)}</code>: "
              f"{len(ev.configs)} configurations; artifact with {len(doc['specialists'])} specialists, trained on "
              f"{tr.get('configurations', '?')} configurations, dates {'..'.join(tr.get('date_window', []))}. "
-             f"Folds re-fit with the artifact's settings (K={s.specialists}, {s.clustering}, temperature "
-             f"{s.temperature:g}, quantiles {', '.join(f'{q:g}' for q in s.quantiles)}). "
+             f"Folds re-fit with the artifact's settings (K={s.specialists}, {s.clustering}, borrow {s.borrow:g}, "
+             f"temperature {s.temperature:g}, quantiles {', '.join(f'{q:g}' for q in s.quantiles)}"
+             f"{f', unseen intervals calibrated by {s.calibrate_folds} folds' if s.calibrate_folds else ''}). "
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {ev.seconds:.0f} s.</p>"]
     parts.append("<h2>Baselines, side by side</h2><p class='note'><b>seen</b>: held-out slice of the training "
                  "configurations; <b>unseen</b>: every row of the held-out configurations (or dates). Metrics pool "
