@@ -58,8 +58,9 @@ def _settings(args: argparse.Namespace):
 
     return TrainSettings(
         specialists=args.specialists, quantiles=tuple(args.quantiles), clustering=args.clustering,
-        temperature=args.temperature, top_k=args.top_k, borrow=args.borrow, calibrate_folds=args.calibrate_folds, l1=args.l1, noncrossing=not args.allow_crossing,
-        solver=args.solver, date_from=args.date_from, date_to=args.date_to, seed=args.seed,
+        temperature=args.temperature, top_k=args.top_k, borrow=args.borrow, calibrate_folds=args.calibrate_folds,
+        l1=args.l1, noncrossing=not args.allow_crossing, solver=args.solver, date_from=args.date_from,
+        date_to=args.date_to, seed=args.seed,
     )
 
 

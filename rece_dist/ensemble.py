@@ -91,7 +91,6 @@ class RECEModel:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"artifact is malformed ({type(exc).__name__}: {exc})") from None
         self.members = {cid: i for i, s in enumerate(doc["specialists"]) for cid in s["members"]}
-        self.known = frozenset(doc.get("configurations", {}))
         try:
             cal = doc.get("unseen_calibration")
             self.widen = None if cal is None else {
@@ -101,7 +100,7 @@ class RECEModel:
 
     def unseen(self, cfg: DeploymentConfig) -> bool:
         """True for a configuration the artifact was not trained on (its intervals get widened)."""
-        return cfg.config_id not in self.known
+        return cfg.config_id not in self.members  # the specialists' members are the artifact's configurations
 
     def embed(self, cfg: DeploymentConfig) -> np.ndarray:
         return (config_vector(cfg) - self.center) / self.scale
