@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--specialists", type=int, default=4)
     ap.add_argument("--solver", default="HIGHS")
+    ap.add_argument("--borrow", type=float, default=TrainSettings.borrow,
+                    help="share of non-member configurations in each specialist's fit (0: members only)")
     ap.add_argument("--store", default=None)
     args = ap.parse_args()
     cpus = os.cpu_count() or 1
@@ -37,7 +39,7 @@ def main() -> None:
         t = time.monotonic()
         generate_store(store, args.configs, args.steps, seed=1, days=2)
         print(f"generated {store} in {time.monotonic() - t:.1f} s")
-    settings = TrainSettings(specialists=args.specialists, solver=args.solver)
+    settings = TrainSettings(specialists=args.specialists, solver=args.solver, borrow=args.borrow)
     t = time.monotonic()
     fs = featurize_store(store, settings)
     feat_s = time.monotonic() - t

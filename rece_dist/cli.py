@@ -237,8 +237,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the mixing")
     g.add_argument("--top-k", type=int, default=None, help="mix only the k most similar specialists")
     g.add_argument("--borrow", type=float, default=0.1,
-                   help="weight of every non-member configuration in a specialist's fit, relative to a member's "
-                        "(0: members only; 1: the global model)")
+                   help="share of every non-member configuration in a specialist's fit, relative to a member's, "
+                        "taken as a row sample (0: members only; 1: the global model)")
     g.add_argument("--calibrate-folds", type=int, default=0,
                    help="widen intervals for configurations not in training, measured by this many refits over "
                         "groups of configurations (0: off)")

@@ -11,13 +11,22 @@ import json
 import numpy as np
 import polars as pl
 import pytest
+import ray
 from closed_form import REQ_NOISE, STEP_NOISE, truth_alpha, truth_beta, write_closed_form_store
 from ground_truth import write_store
 
 from rece_dist import artifact
 from rece_dist.ensemble import RECEModel
 from rece_dist.errors import ReceError, SchemaError, StoreError
-from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble, predict_shards, train, widening_factor
+from rece_dist.pipeline import (
+    TrainSettings,
+    featurize_store,
+    fit_ensemble,
+    predict_shards,
+    prepare,
+    train,
+    widening_factor,
+)
 from rece_dist.store import Store
 
 
@@ -135,6 +144,25 @@ def test_borrowing_everything_is_the_global_model(truth_store, ray_local):
         for t in ("alpha", "beta"):
             for q, coef in sp["coefficients"][t].items():
                 np.testing.assert_allclose(coef, ref[t][q], rtol=1e-5, atol=1e-9, err_msg=f"{t} {q}")
+
+
+def test_borrowed_configuration_enters_as_a_fixed_row_sample(truth_store, ray_local):
+    """A borrowed share below 1 is a random sample of the shard's training rows at weight / share:
+    the expected total weight is unchanged, and the sample is the same on every call."""
+    settings = TrainSettings()
+    fs = featurize_store(truth_store[0], settings)
+    ref, st = fs.shard_refs[0], fs.stats[0]
+    p = len(st.col_max["beta"])
+    scale, cols = np.ones(p), np.arange(p)
+    X, y, w = ray.get(prepare.remote(ref, "beta", scale, cols, 2.0))
+    Xs, ys, ws = ray.get(prepare.remote(ref, "beta", scale, cols, 2.0, 0.25, 7))
+    Xs2, _, _ = ray.get(prepare.remote(ref, "beta", scale, cols, 2.0, 0.25, 7))
+    n = len(y)
+    assert n == st.train_rows["beta"] and abs(len(ys) - 0.25 * n) < 4 * np.sqrt(0.25 * 0.75 * n)
+    np.testing.assert_array_equal(ws, np.full(len(ys), 8.0))
+    np.testing.assert_array_equal(Xs, Xs2)
+    rows = {tuple(r) for r in np.column_stack([X, y])}
+    assert all(tuple(r) in rows for r in np.column_stack([Xs, ys]))
 
 
 def test_widening_factor_by_hand():

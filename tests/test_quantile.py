@@ -184,6 +184,36 @@ def test_microsecond_latencies_with_bimodal_group(seed, unit):
     assert red.n_solved_rows < len(y) / 2 and red.rounds <= 3   # the band covers the group
 
 
+def rare_event_borrowed(n=40_000, seed=3):
+    """Like a specialist that borrows other configurations (pipeline --borrow): six groups,
+    two at weight 1 and four at 0.1, group-level columns that do not separate every group, and
+    a rare event (1% of three groups' rows: offload, preemption) whose column is zero elsewhere
+    and whose latency cost is Pareto(1.5)-tailed."""
+    rng = np.random.default_rng(seed)
+    g = rng.integers(0, 6, n)
+    w = np.where(g < 2, 1.0, 0.1)
+    x1 = rng.gamma(2.0, 1.0, n)
+    amount = ((rng.random(n) < 0.01) & (g >= 3)) * rng.integers(1, 20, n) / 20
+    X = np.column_stack([np.ones(n), x1, amount, np.eye(6)[g][:, 1:4], x1 * (g == 2)])
+    y = (1 + 2 * x1 + 0.5 * g + amount * 50 * (1 + rng.pareto(1.5, n))
+         + (1 + 0.3 * x1) * rng.standard_t(3, n))
+    return X, y, w
+
+
+def test_rare_feature_globbed_to_one_side_is_repaired_along_its_ray():
+    """Regression: the rare event's rows all fell above the band, so the reduced primal was
+    unbounded along that column; doubling the whole band four times ended in the all-rows LP
+    (here 40,000 of 40,000 rows; 216,000 rows and 350 s on a borrowed beta specialist).  The
+    band is now widened along the LP's unbounded direction only."""
+    X, y, w = rare_event_borrowed()
+    full = fit_quantile(X, y, 0.9, weights=w, reduce="never")
+    red = fit_quantile(X, y, 0.9, weights=w, reduce="always")
+    assert rel(red.objective, full.objective) <= 1e-9
+    assert rel(objective(X, y, red.coef, 0.9, w), full.objective) <= 1e-9
+    np.testing.assert_allclose(red.coef, full.coef, rtol=1e-7, atol=1e-9)
+    assert red.n_solved_rows < len(y) / 4
+
+
 def test_solver_failure_is_resolved_by_another_route(monkeypatch):
     """A failed solve is re-solved (HiGHS IPM, then CLARABEL), named in `solver`, still exact."""
     import rece_dist.quantile as q
