@@ -59,8 +59,8 @@ def _settings(args: argparse.Namespace):
     return TrainSettings(
         specialists=args.specialists, quantiles=tuple(args.quantiles), clustering=args.clustering,
         temperature=args.temperature, top_k=args.top_k, borrow=args.borrow, calibrate_folds=args.calibrate_folds,
-        l1=args.l1, noncrossing=not args.allow_crossing, solver=args.solver, date_from=args.date_from,
-        date_to=args.date_to, seed=args.seed,
+        l1=args.l1, noncrossing=not args.allow_crossing, max_fit_rows=args.max_fit_rows, solver=args.solver,
+        date_from=args.date_from, date_to=args.date_to, seed=args.seed,
     )
 
 
@@ -244,6 +244,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "groups of configurations (0: off)")
     g.add_argument("--l1", type=float, default=0.0, help="L1 penalty (scikit-learn's alpha) on scaled coefficients")
     g.add_argument("--allow-crossing", action="store_true", help="skip the non-crossing re-solve")
+    g.add_argument("--max-fit-rows", type=int, default=10_000_000,
+                   help="a specialist with more training rows is fitted over its shards (no task stacks them; "
+                        "no non-crossing re-solve)")
     g.add_argument("--solver", default="HIGHS", help="cvxpy LP solver (HIGHS, CLARABEL)")
     g.add_argument("--date-from", help="first date to train on (YYYY-MM-DD)")
     g.add_argument("--date-to", help="last date to train on (YYYY-MM-DD)")

@@ -11,7 +11,9 @@ Data flows one way and every heavy step is a Ray task over plain numpy data:
    (members equally, borrowed configurations through a row sample); the result is put in the
    object store once and passed to every fit by reference.
 4. ``fit``: one task per (target, specialist, quantile) solves the pinball LP in cvxpy;
-   with non-crossing on, one task per (target, specialist) then removes crossings.
+   with non-crossing on, one task per (target, specialist) then removes crossings. A
+   specialist above ``max_fit_rows`` is never stacked in one task: its exact fit runs the
+   row reduction as tasks over its shards (``quantile.fit_quantile_sharded``).
 5. The artifact is assembled, and ``evaluate_shard`` tasks score the held-out rows with
    exactly the model the artifact describes.
 """
@@ -39,7 +41,7 @@ from .features import (FEATURES, REQUEST_READ, STEP_READ, TARGET_DEFINITION, TAR
                        attach_load, beta_target, column_scale, feature_matrix, holdout_mask)
 from .metrics import quantile_metrics
 from .progress import gather, log
-from .quantile import fit_quantile, resolve_crossings
+from .quantile import fit_quantile, fit_quantile_sharded, resolve_crossings
 from .specialists import Clustering, Embedding, cluster
 from .store import Partition, S3Options, Store
 
@@ -59,6 +61,7 @@ class TrainSettings:
     calibrate_folds: int = 0
     l1: float = 0.0
     noncrossing: bool = True
+    max_fit_rows: int = 10_000_000
     solver: str = "HIGHS"
     date_from: str | None = None
     date_to: str | None = None
@@ -78,6 +81,8 @@ class TrainSettings:
             raise ReceError("--top-k must be at least 1")
         if not 0 <= self.borrow <= 1:
             raise ReceError(f"--borrow must be in [0, 1], got {self.borrow}")
+        if self.max_fit_rows < 1:
+            raise ReceError(f"--max-fit-rows must be positive, got {self.max_fit_rows}")
         if self.calibrate_folds < 0 or self.calibrate_folds == 1:
             raise ReceError(f"--calibrate-folds must be 0 (off) or at least 2, got {self.calibrate_folds}")
 
@@ -358,6 +363,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     rows: dict[tuple[str, int], int] = {}
     fit_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
+    sharded: list[tuple[str, int]] = []
     for t in TARGETS:
         for j, cids in members.items():
             share = config_shares(ids, cids, settings.borrow)
@@ -371,19 +377,23 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
                                    share[st[i].config_id], settings.seed)
                     for i in idx if st[i].train_rows[t]]
             scales[(t, j)], columns[(t, j)], rows[(t, j)], part_refs[(t, j)] = scale, cols, total, refs
-            fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
-                                for q in settings.quantiles]
+            if sum(st[i].train_rows[t] * min(1.0, share[st[i].config_id]) for i in idx) > settings.max_fit_rows:
+                sharded.append((t, j))
+            else:
+                fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
+                                    for q in settings.quantiles]
     flat = [r for refs in fit_refs.values() for r in refs]
     t0 = time.monotonic()
+    fits = _fit_over_shards(sharded, part_refs, columns, settings)  # while the stacked fits run
     fitted = iter(gather(flat, f"fits ({len(flat)} LPs)"))
-    fits = {key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()}
+    fits.update({key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()})
     t1 = time.monotonic()
     if timings is not None:  # the independent fits' own times, before non-crossing replaces them
         timings.update(lp_seconds=[f.seconds for fl in fits.values() for f in fl],
                        lp_rows=[f.n_rows for fl in fits.values() for f in fl])
     crossing: dict[tuple[str, int], Any] = {}
     if settings.noncrossing and len(settings.quantiles) > 1:
-        keys = list(fits)
+        keys = [k for k in fits if k not in sharded]
         refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
         for k, (new_fits, report) in zip(keys, gather(refs, "non-crossing")):
             fits[k], crossing[k] = new_fits, report
@@ -394,6 +404,25 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     if settings.calibrate_folds and labels is None:
         doc["unseen_calibration"] = unseen_calibration(fs, settings, shards)
     return doc
+
+
+def _fit_over_shards(keys: list[tuple[str, int]], part_refs: dict, columns: dict,
+                     settings: TrainSettings) -> dict[tuple[str, int], list]:
+    """Fits of specialists above ``settings.max_fit_rows``: no task ever stacks their rows.
+
+    The reduction's passes run as Ray tasks over the prepared shards (each task holds one
+    shard) and the driver solves the small LPs, so the exact optimum needs no worker that holds
+    the whole specialist. The joint non-crossing re-solve needs the stacked rows, so these fits
+    rely on monotone rearrangement at prediction (their ``crossings`` entry is null)."""
+    out = {}
+    for t, j in keys:
+        log(f"[rece] {t} specialist {j}: more than {settings.max_fit_rows:,} rows, fitted over "
+            f"{len(part_refs[(t, j)])} shards; crossings left to rearrangement at prediction")
+        p = int(np.count_nonzero(columns[(t, j)]))  # a mask over the target's features
+        out[(t, j)] = [fit_quantile_sharded(part_refs[(t, j)], q, l1=settings.l1, penalize=_penalize(p),
+                                            solver=settings.solver, seed=settings.seed)
+                       for q in settings.quantiles]
+    return out
 
 
 def widening_factor(ratio: np.ndarray, weight: np.ndarray, level: float) -> float:

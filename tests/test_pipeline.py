@@ -6,6 +6,7 @@ exponential noise, so the fitted ensemble is checked against the true conditiona
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -163,6 +164,24 @@ def test_borrowed_configuration_enters_as_a_fixed_row_sample(truth_store, ray_lo
     np.testing.assert_array_equal(Xs, Xs2)
     rows = {tuple(r) for r in np.column_stack([X, y])}
     assert all(tuple(r) in rows for r in np.column_stack([Xs, ys]))
+
+
+def test_specialist_above_max_fit_rows_is_fitted_over_its_shards(truth_store, ray_local, capsys):
+    """No task stacks a specialist above --max-fit-rows: the reduction runs over its shards and
+    must land on the same exact optimum as the stacked fit; it skips the joint non-crossing LP."""
+    base = TrainSettings(specialists=2, noncrossing=False)
+    fs = featurize_store(truth_store[0], base)
+    stacked = fit_ensemble(fs, base)
+    capsys.readouterr()
+    over = fit_ensemble(fs, dataclasses.replace(base, max_fit_rows=1, noncrossing=True))
+    assert "fitted over" in capsys.readouterr().err
+    for a, b in zip(stacked["specialists"], over["specialists"]):
+        assert b["crossings"] == {"alpha": None, "beta": None}
+        for t in ("alpha", "beta"):
+            for fa, fb in zip(a["fit"][t], b["fit"][t]):
+                assert abs(fa["objective"] - fb["objective"]) <= 1e-9 * abs(fa["objective"])
+            for q in a["coefficients"][t]:
+                np.testing.assert_allclose(b["coefficients"][t][q], a["coefficients"][t][q], rtol=1e-6, atol=1e-9)
 
 
 def test_widening_factor_by_hand():
