@@ -43,7 +43,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import silhouette_score
 
 from .config import DeploymentConfig, config_vector
-from .ensemble import RECEModel
+from .ensemble import RECEModel, rows_frame
 from .errors import ArtifactError, ReceError
 from .features import FEATURES, feature_matrix
 from .metrics import pinball, quantile_metrics
@@ -451,18 +451,17 @@ def common_grid(ranges: Sequence[Mapping[str, tuple[float, float, float]]]
 def probe_rows(grids: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, pl.DataFrame]:
     """Trace-like rows for every combination of the grid values (the columns ``feature_matrix`` reads).
 
-    Beta probes are batches of P prefill and D decode tokens with D + (P > 0) running requests
-    and no KV offload traffic.
+    Beta probes are batches of P prefill and D decode tokens with D + (P > 0) running requests;
+    every other column takes the prediction input's documented default (``rows_frame``: no KV
+    offload traffic, P + D scheduled tokens, one prefilling request).
     """
     out = {}
     for t, grid in grids.items():
-        rows = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+        rows = [{k: float(v) for k, v in zip(grid, combo)} for combo in itertools.product(*grid.values())]
         if t == "beta":
             for r in rows:
-                r.update(scheduled_tokens=r["prefill_tokens"] + r["decode_tokens"], kv_blocks_offloaded=0.0,
-                         kv_blocks_restored=0.0, running_depth=r["decode_tokens"] + (r["prefill_tokens"] > 0),
-                         num_prefill_reqs=float(r["prefill_tokens"] > 0), num_decode_reqs=r["decode_tokens"])
-        out[t] = pl.DataFrame(rows).cast(pl.Float64)
+                r["running_depth"] = r["decode_tokens"] + float(r["prefill_tokens"] > 0)
+        out[t] = rows_frame(t, rows, "probe grid")
     return out
 
 

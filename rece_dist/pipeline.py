@@ -377,7 +377,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
                                    share[st[i].config_id], settings.seed)
                     for i in idx if st[i].train_rows[t]]
             scales[(t, j)], columns[(t, j)], rows[(t, j)], part_refs[(t, j)] = scale, cols, total, refs
-            if sum(st[i].train_rows[t] * min(1.0, share[st[i].config_id]) for i in idx) > settings.max_fit_rows:
+            if sum(st[i].train_rows[t] * share[st[i].config_id] for i in idx) > settings.max_fit_rows:
                 sharded.append((t, j))
             else:
                 fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
