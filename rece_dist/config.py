@@ -77,6 +77,16 @@ class ModelShape:
         return 2.0 * self.num_layers * self.mlp_params_per_expert if self.is_moe else 0.0
 
     @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert across all layers (0 for a dense model)."""
+        return self.num_layers * self.mlp_params_per_expert if self.is_moe else 0
+
+    @property
+    def dense_flops_per_token(self) -> float:
+        """FLOPs per token outside the routed experts (attention projections, dense MLP, embeddings)."""
+        return self.flops_per_token - self.experts_per_token * self.expert_flops_per_token
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """K and V for one token across all layers."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.weight_bytes
@@ -207,6 +217,41 @@ class DeploymentConfig:
     @property
     def weight_bytes_per_gpu(self) -> float:
         return self.model.total_params * self.model.weight_bytes / self.serving.tp
+
+    @property
+    def dense_bytes_per_gpu(self) -> float:
+        """Weights every step reads whatever the batch: all but the routed experts."""
+        m = self.model
+        return self.weight_bytes_per_gpu - m.num_experts * m.expert_params * m.weight_bytes / self.serving.tp
+
+    @property
+    def expert_parallel(self) -> int:
+        """Expert-parallel degree (1 for dense models, whatever the setting says)."""
+        return self.serving.expert_parallel if self.model.is_moe else 1
+
+    @property
+    def experts_local(self) -> float:
+        """Routed experts on one GPU: whole experts under expert parallelism, a TP slice of each otherwise."""
+        return self.model.num_experts / self.expert_parallel
+
+    @property
+    def expert_bytes_local(self) -> float:
+        """Bytes of one local expert on one GPU."""
+        ep = self.expert_parallel
+        return self.model.expert_params * self.model.weight_bytes / (1 if ep > 1 else self.serving.tp)
+
+    @property
+    def expert_shards(self) -> int:
+        """GPUs one token's expert FLOPs spread over: EP ranks, else the TP group."""
+        ep = self.expert_parallel
+        return ep if ep > 1 else self.serving.tp
+
+    @property
+    def collectives_per_step(self) -> int:
+        """TP all-reduces per forward pass: two per layer (one under expert parallelism), none at TP 1."""
+        if self.serving.tp == 1:
+            return 0
+        return self.model.num_layers * (1 if self.expert_parallel > 1 else 2)
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -45,7 +45,7 @@ from sklearn.metrics import silhouette_score
 from .config import DeploymentConfig, config_vector
 from .ensemble import RECEModel, rows_frame
 from .errors import ArtifactError, ReceError
-from .features import FEATURES, feature_matrix
+from .features import FEATURES, feature_matrix, kv_read_us_per_usage
 from .metrics import pinball, quantile_metrics
 from .pipeline import TARGETS, FeatureSet, TrainSettings, evaluate_shard, fit_ensemble
 from .progress import gather, log
@@ -400,9 +400,9 @@ def run_protocol(fitter: Fitter, folds: Sequence[Fold], meths: Sequence[Method],
 # Probe inputs recovered exactly from a configuration's features: (feature, divisor, squared),
 # raw = (sqrt(feature) if squared else feature) * divisor(cfg).
 PROBE_INPUTS: dict[str, dict[str, tuple[str, Callable[[DeploymentConfig], float], bool]]] = {
-    "beta": {"prefill_tokens": ("prefill_fill_sq", lambda c: c.serving.max_num_batched_tokens, True),
-             "decode_tokens": ("decode_fill_sq", lambda c: c.serving.max_num_batched_tokens, True),
-             "kv_usage_gpu_ratio": ("kv_usage", lambda c: 1.0, False)},
+    "beta": {"prefill_tokens": ("prefill_tokens", lambda c: 1.0, False),
+             "decode_tokens": ("decode_tokens", lambda c: 1.0, False),
+             "kv_usage_gpu_ratio": ("kv_read_us", lambda c: 1.0 / kv_read_us_per_usage(c), False)},
     "alpha": {"prompt_tokens": ("prompt_frac", lambda c: c.serving.max_model_len, False),
               "waiting_depth": ("queue_fill", lambda c: c.serving.max_num_seqs, False),
               "running_depth": ("running_fill", lambda c: c.serving.max_num_seqs, False),

@@ -1,4 +1,5 @@
-"""Alpha and beta feature tables: the seed's Phase-4 features as Polars expressions.
+"""Alpha and beta feature tables as Polars expressions: beta a roofline basis (times at
+datasheet peak), alpha the seed's request features with raw counts first.
 
 Every feature is a row of ``ALPHA_FEATURES`` / ``BETA_FEATURES``: a name, the formula as
 written in the docs (and in the artifact, for BLIS), its units, and the Polars expression that
@@ -14,6 +15,7 @@ step that started at or before its arrival.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,61 +52,88 @@ def _block_bytes(c: DeploymentConfig) -> float:
     return c.serving.block_size * c.model.kv_bytes_per_token / c.serving.tp
 
 
+def kv_read_us_per_usage(c: DeploymentConfig) -> float:
+    """Time to read a full KV cache once: kv_read_us per unit of KV usage."""
+    return c.kv_blocks_total * _block_bytes(c) / c.hbm_bytes_per_us
+
+
+def _us_per_token_flop(c: DeploymentConfig, shards: int) -> float:
+    return 1.0 / (shards * c.flops_per_us)
+
+
+def _dense_compute(c: DeploymentConfig) -> Expr:
+    return _f("scheduled_tokens") * _lit(c.model.dense_flops_per_token * _us_per_token_flop(c, c.serving.tp))
+
+
+def _dense_read(c: DeploymentConfig) -> Expr:
+    return _lit(c.dense_bytes_per_gpu / c.hbm_bytes_per_us)
+
+
+def _moe_compute(c: DeploymentConfig) -> Expr:
+    m = c.model
+    return _f("scheduled_tokens") * _lit(m.experts_per_token * m.expert_flops_per_token * _us_per_token_flop(c, c.expert_shards))
+
+
+def _moe_read(c: DeploymentConfig) -> Expr:
+    """Local experts the batch touches (each token picks k of E at random) times one expert's read."""
+    m = c.model
+    if not m.is_moe:
+        return _lit(0.0)
+    miss = 1.0 - m.experts_per_token / m.num_experts
+    return (1.0 - _lit(miss) ** _f("scheduled_tokens")) * _lit(c.experts_local * c.expert_bytes_local / c.hbm_bytes_per_us)
+
+
+def _comm_fixed(c: DeploymentConfig) -> float:
+    """Latency of the step's collectives: log2(tp) hops per all-reduce (and log2(ep) per EP exchange)."""
+    tp, ep, lat = c.serving.tp, c.expert_parallel, c.gpu.link_latency_us
+    out = c.collectives_per_step * lat * math.log2(tp) if tp > 1 else 0.0
+    return out + (2 * c.model.num_layers * lat * math.log2(ep) if ep > 1 else 0.0)
+
+
 BETA_FEATURES: tuple[Feature, ...] = (
     Feature("bias", "1", "1", lambda c: _lit(1.0)),
-    # Three physical terms the seed lacks, first so that they win over the seed's terms they are
-    # collinear with inside a specialist (independent_columns keeps the earlier column): without
-    # them every configuration pooled into one specialist shares one intercept, although weight
-    # and KV reads differ 10x, and the CPU cost per scheduled sequence (the same on every GPU)
-    # hides in per-configuration scaled terms. Leave-one-configuration-out measured the order.
-    Feature("weight_read_us", "weight_bytes_per_gpu / hbm_bandwidth", "us",
-            lambda c: _lit(c.weight_bytes_per_gpu / c.hbm_bytes_per_us)),
+    # A roofline basis: times at datasheet peak, so each coefficient is one efficiency
+    # (1 / fraction of peak reached) or CPU cost that is the same law on every deployment and
+    # transfers to a configuration the fit never saw. A kernel family costs max(compute,
+    # memory); the max and both sides let a linear model follow either regime and the knee.
+    # The seed's configuration-relative terms (B / MBT, (P / MBT)^2, kv^2, 1 / tp, ...) are
+    # gone: under grouped cross-validation over 24 configurations they fitted each training
+    # configuration's quirks and doubled the error on held-out ones (docs/transfer.md).
+    Feature("dense_roofline_us", "max(dense_compute_us, dense_read_us)", "us",
+            lambda c: pl.max_horizontal(_dense_compute(c), _dense_read(c))),
+    Feature("dense_read_us", "dense_bytes_per_gpu / hbm_bandwidth", "us", _dense_read),
+    Feature("dense_compute_us", "B * dense_flops_per_token / (tp * peak_flops)", "us", _dense_compute),
     Feature("kv_read_us", "kv * kv_blocks_total * block_bytes / hbm_bandwidth", "us",
-            lambda c: _f("kv_usage_gpu_ratio") * _lit(c.kv_blocks_total * _block_bytes(c) / c.hbm_bytes_per_us)),
+            lambda c: _f("kv_usage_gpu_ratio") * _lit(kv_read_us_per_usage(c))),
+    # CPU work around the forward pass: per step (bias), per scheduled sequence, per token.
     Feature("scheduled_seqs", "num_prefill_reqs + num_decode_reqs", "seq",
             lambda c: _f("num_prefill_reqs") + _f("num_decode_reqs")),
-    Feature("prefill_compute_us", "P * flops_per_token / (tp * peak_flops)", "us",
-            lambda c: _f("prefill_tokens") * _lit(c.model.flops_per_token / (c.serving.tp * c.flops_per_us))),
-    Feature("decode_kv_write_us", "D * kv_bytes_per_token / (tp * hbm_bandwidth)", "us",
-            lambda c: _f("decode_tokens") * _lit(c.model.kv_bytes_per_token / (c.serving.tp * c.hbm_bytes_per_us))),
-    Feature("batch_fill", "B / MBT", "1", lambda c: _f("scheduled_tokens") / _lit(c.serving.max_num_batched_tokens)),
-    Feature("prefill_fill_sq", "(P / MBT)^2", "1",
-            lambda c: (_f("prefill_tokens") / _lit(c.serving.max_num_batched_tokens)) ** 2),
-    Feature("decode_fill_sq", "(D / MBT)^2", "1",
-            lambda c: (_f("decode_tokens") / _lit(c.serving.max_num_batched_tokens)) ** 2),
-    Feature("prefill_x_decode", "P * D / MBT^2", "1",
-            lambda c: _f("prefill_tokens") * _f("decode_tokens") / _lit(c.serving.max_num_batched_tokens ** 2)),
-    Feature("prefill_x_kv", "P * kv / MBT", "1",
-            lambda c: _f("prefill_tokens") * _f("kv_usage_gpu_ratio") / _lit(c.serving.max_num_batched_tokens)),
-    Feature("decode_x_running", "D * R / MBT", "1",
-            lambda c: _f("decode_tokens") * _f("running_depth") / _lit(c.serving.max_num_batched_tokens)),
-    Feature("kv_usage", "kv", "1", lambda c: _f("kv_usage_gpu_ratio")),
-    Feature("kv_usage_sq", "kv^2", "1", lambda c: _f("kv_usage_gpu_ratio") ** 2),
-    Feature("inv_tp", "1 / tp", "1", lambda c: _lit(1.0 / c.serving.tp)),
-    Feature("moe_active_experts", "is_moe * experts_per_token / 8", "1",
-            lambda c: _lit(c.model.experts_per_token / 8 if c.model.is_moe else 0.0)),
-    Feature("cpu_offload", "cpu_offload", "1", lambda c: _lit(float(c.serving.cpu_offload))),
+    Feature("prefill_tokens", "P", "token", lambda c: _f("prefill_tokens")),
+    Feature("decode_tokens", "D", "token", lambda c: _f("decode_tokens")),
+    Feature("prefill_attn_us",
+            "P^2 / (2 * max(num_prefill_reqs, 1)) * attn_flops_per_token_ctx / (tp * peak_flops)", "us",
+            lambda c: _f("prefill_tokens") ** 2 / (2.0 * pl.max_horizontal(_f("num_prefill_reqs"), _lit(1.0)))
+            * _lit(c.model.attn_flops_per_token_ctx * _us_per_token_flop(c, c.serving.tp))),
+    Feature("moe_roofline_us", "max(moe_compute_us, moe_read_us)", "us",
+            lambda c: pl.max_horizontal(_moe_compute(c), _moe_read(c))),
+    Feature("moe_read_us", "experts_local * (1 - (1 - k / E)^B) * expert_bytes_local / hbm_bandwidth", "us", _moe_read),
+    Feature("moe_compute_us", "B * k * expert_flops_per_token / (expert_shards * peak_flops)", "us", _moe_compute),
+    Feature("tp_comm_fixed_us", "collectives_per_step * link_latency_us * log2(tp) + 2 * num_layers * link_latency_us * log2(ep)",
+            "us", lambda c: _lit(_comm_fixed(c))),
     Feature("tp_allreduce_us",
             "(tp - 1) / tp * 4 * num_layers * B * hidden_size * weight_bytes / link_bandwidth", "us",
             lambda c: _f("scheduled_tokens") * _lit(
                 (c.serving.tp - 1) / c.serving.tp * 4 * c.model.num_layers * c.model.hidden_size
                 * c.model.weight_bytes / c.link_bytes_per_us)),
-    Feature("tp_sync_us", "(tp - 1) * R / max_num_seqs * link_latency_us", "us",
-            lambda c: _f("running_depth") * _lit((c.serving.tp - 1) / c.serving.max_num_seqs * c.gpu.link_latency_us)),
     Feature("offload_out_us", "cpu_offload * blocks_offloaded * block_bytes / pcie_bandwidth", "us",
             lambda c: _f("kv_blocks_offloaded") * _lit(float(c.serving.cpu_offload) * _block_bytes(c) / c.pcie_bytes_per_us)),
     Feature("offload_in_us", "cpu_offload * blocks_restored * block_bytes / pcie_bandwidth", "us",
             lambda c: _f("kv_blocks_restored") * _lit(float(c.serving.cpu_offload) * _block_bytes(c) / c.pcie_bytes_per_us)),
-    Feature("moe_expert_parallel", "is_moe * expert_parallel", "1",
-            lambda c: _lit(float(c.serving.expert_parallel) if c.model.is_moe else 0.0)),
-    Feature("moe_expert_compute_us",
-            "is_moe * B * experts_per_token / num_experts * expert_flops_per_token / (tp * peak_flops)", "us",
-            lambda c: _f("scheduled_tokens") * _lit(
-                c.model.experts_per_token / c.model.num_experts * c.model.expert_flops_per_token
-                / (c.serving.tp * c.flops_per_us) if c.model.is_moe else 0.0)),
+    Feature("kv_write_us", "B * kv_bytes_per_token / (tp * hbm_bandwidth)", "us",
+            lambda c: _f("scheduled_tokens") * _lit(c.model.kv_bytes_per_token / (c.serving.tp * c.hbm_bytes_per_us))),
 )
 
-BETA_COLUMNS = ["prefill_tokens", "decode_tokens", "scheduled_tokens", "running_depth", "kv_usage_gpu_ratio",
+BETA_COLUMNS = ["prefill_tokens", "decode_tokens", "scheduled_tokens", "kv_usage_gpu_ratio",
                 "kv_blocks_offloaded", "kv_blocks_restored", "num_prefill_reqs", "num_decode_reqs"]
 
 # --- alpha: one request's API-to-queue overhead ---------------------------------------------
@@ -150,7 +179,7 @@ TARGET_DEFINITION = {
     "alpha": "(queued_ns - arrival_ns) / 1000: API arrival until the request enters the waiting queue",
     "beta": "duration_us of one engine step",
 }
-STEP_READ = sorted(set(BETA_COLUMNS) | {"step_id", "duration_us"})
+STEP_READ = sorted(set(BETA_COLUMNS) | set(STEP_LOAD_READ) | {"step_id", "duration_us"})
 
 
 def feature_names(target: str) -> list[str]:
@@ -218,6 +247,12 @@ def features_markdown() -> str:
             "kv GPU KV usage ratio, L prompt tokens, MBT max_num_batched_tokens, MNS max_num_seqs,",
             "MML max_model_len. Bandwidths in bytes/us, peak_flops in FLOP/us (datasheet values), so `_us`",
             "features are times at peak rate. `block_bytes = block_size * kv_bytes_per_token / tp`.",
+            "`dense_bytes_per_gpu`: the weights outside the routed experts, / tp; `dense_flops_per_token`:",
+            "2 x active parameters outside the experts; `k` of `E` experts per token, `expert_flops_per_token`",
+            "one expert's MLP over all layers; `ep` expert-parallel degree (1 for dense models),",
+            "`expert_shards = ep if ep > 1 else tp`, `experts_local = E / ep`, `expert_bytes_local` one",
+            "expert's bytes over all layers (/ tp unless ep > 1); `collectives_per_step` = 0 at tp 1, else",
+            "num_layers x (1 if ep > 1 else 2). `max(a, b)` is the larger of the two for that row.",
             "Alpha's Q, R and kv are the values of the last engine step that started at or before the",
             "request's arrival (zero before the first step).", ""]
     return "\n".join(out)

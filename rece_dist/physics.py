@@ -98,27 +98,22 @@ class StepModel:
         self.eff = eff
         flops = cfg.flops_per_us
         hbm = cfg.hbm_bytes_per_us * eff.hbm
-        expert_params = m.num_layers * m.mlp_params_per_expert if m.is_moe else 0
-        dense_flops = m.flops_per_token - m.experts_per_token * m.expert_flops_per_token
-        dense_bytes = cfg.weight_bytes_per_gpu - m.num_experts * expert_params * m.weight_bytes / tp
-        self._lin_us_per_token = dense_flops / tp / (flops * eff.gemm)
-        self._lin_read_us = dense_bytes / hbm
+        self._lin_us_per_token = m.dense_flops_per_token / tp / (flops * eff.gemm)
+        self._lin_read_us = cfg.dense_bytes_per_gpu / hbm
         self._attn_us_per_pair = m.attn_flops_per_token_ctx / tp / (flops * eff.attention)
         self._kv_us_per_token = m.kv_bytes_per_token / tp / hbm
 
-        ep = s.expert_parallel if m.is_moe else 1
-        shards = ep if ep > 1 else tp  # EP: whole experts per GPU; TP: a slice of every expert
+        ep = cfg.expert_parallel
         self._moe = m.is_moe
-        self._moe_us_per_token = m.experts_per_token * m.expert_flops_per_token / shards / (flops * eff.moe)
-        self._experts_local = m.num_experts / ep
-        expert_bytes_local = expert_params * m.weight_bytes / (1 if ep > 1 else tp)
-        self._expert_read_us = expert_bytes_local / hbm
+        self._moe_us_per_token = m.experts_per_token * m.expert_flops_per_token / cfg.expert_shards / (flops * eff.moe)
+        self._experts_local = cfg.experts_local
+        self._expert_read_us = cfg.expert_bytes_local / hbm
         self._expert_miss = 1.0 - m.experts_per_token / m.num_experts if m.is_moe else 1.0
 
         link = cfg.link_bytes_per_us * eff.link
         hops = math.log2(tp)
         token_bytes = m.hidden_size * ACTIVATION_BYTES
-        n_allreduce = m.num_layers * (1 if ep > 1 else 2) if tp > 1 else 0
+        n_allreduce = cfg.collectives_per_step
         self._comm_fixed_us = n_allreduce * cfg.gpu.link_latency_us * hops
         self._comm_us_per_token = n_allreduce * token_bytes * 2 * (tp - 1) / tp / link
         if ep > 1:  # dispatch + combine per MoE layer

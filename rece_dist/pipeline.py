@@ -169,7 +169,7 @@ def featurize(store_uri: str, s3: S3Options | None, cfg: DeploymentConfig, steps
     part = steps or requests
     assert part is not None
     shard = Shard(part.config_id, part.date)
-    step_df = store.scan(steps, STEP_READ + ["ts_start_ns", "waiting_depth"]).sort("step_id") if steps else None
+    step_df = store.scan(steps, STEP_READ).sort("step_id") if steps else None
     if step_df is not None:
         shard.X["beta"] = feature_matrix(step_df, cfg, "beta")
         shard.y["beta"] = beta_target(step_df)

@@ -20,7 +20,7 @@ from rece_dist.features import FEATURES, attach_load, feature_matrix
 from rece_dist.schema import conform
 from rece_dist.store import Store
 
-BETA_COEF = {"bias": 300.0, "prefill_compute_us": 1.6, "decode_x_running": 40.0, "weight_read_us": 1.15,
+BETA_COEF = {"bias": 300.0, "dense_compute_us": 1.6, "decode_tokens": 3.0, "dense_read_us": 1.15,
              "kv_read_us": 1.0}
 ALPHA_COEF = {"bias": 150.0, "prompt_frac": 400.0, "queue_fill": 300.0}
 NOISE = {"beta": 0.10, "alpha": 0.20}
@@ -37,6 +37,8 @@ def configs(n: int) -> list[DeploymentConfig]:
 
 def _coef(target: str) -> np.ndarray:
     table = BETA_COEF if target == "beta" else ALPHA_COEF
+    names = [f.name for f in FEATURES[target]]
+    assert set(table) <= set(names), f"ground truth names unknown {target} features {set(table) - set(names)}"
     return np.array([table.get(f.name, 0.0) for f in FEATURES[target]])
 
 

@@ -38,48 +38,61 @@ def _steps() -> pl.DataFrame:
 
 
 def test_beta_features_by_hand(cat):
-    cfg = DeploymentConfig(cat.model("Llama-2-70b-hf"), cat.gpu("H100-SXM"),
+    m = cat.model("Llama-2-70b-hf")
+    cfg = DeploymentConfig(m, cat.gpu("H100-SXM"),
                            ServingSettings(tp=4, max_num_batched_tokens=2048, max_num_seqs=128, cpu_offload=True))
     X = feature_matrix(_steps(), cfg, "beta")
     f = {feat.name: X[:, i] for i, feat in enumerate(BETA_FEATURES)}
     assert X.shape == (2, len(BETA_FEATURES))
     np.testing.assert_allclose(f["bias"], [1, 1])
-    params = cat.model("Llama-2-70b-hf").active_params
-    # 1000 tokens * 2 FLOP/param / (4 GPUs * 989.5e12 FLOP/s) in microseconds
-    np.testing.assert_allclose(f["prefill_compute_us"][0], 1000 * 2 * params / (4 * 989.5e12) * 1e6, rtol=1e-12)
-    np.testing.assert_allclose(f["decode_kv_write_us"][1], 64 * 327_680 / (4 * 3.35e12) * 1e6, rtol=1e-12)
-    np.testing.assert_allclose(f["batch_fill"], [1024 / 2048, 64 / 2048])
-    np.testing.assert_allclose(f["prefill_fill_sq"], [(1000 / 2048) ** 2, 0])
-    np.testing.assert_allclose(f["decode_fill_sq"], [(24 / 2048) ** 2, (64 / 2048) ** 2])
-    np.testing.assert_allclose(f["prefill_x_decode"], [1000 * 24 / 2048 ** 2, 0])
-    np.testing.assert_allclose(f["prefill_x_kv"], [1000 * 0.5 / 2048, 0])
-    np.testing.assert_allclose(f["decode_x_running"], [24 * 40 / 2048, 64 * 64 / 2048])
-    np.testing.assert_allclose(f["kv_usage_sq"], [0.25, 0.0625])
-    np.testing.assert_allclose(f["inv_tp"], 0.25)
-    np.testing.assert_allclose(f["moe_active_experts"], 0)
-    np.testing.assert_allclose(f["cpu_offload"], 1)
+    # dense model: every weight is read every step, 70B * 2 bytes / 4 GPUs over 3.35 TB/s, in us
+    read = m.total_params * 2 / 4 / 3.35e12 * 1e6
+    np.testing.assert_allclose(f["dense_read_us"], read, rtol=1e-12)
+    # 1024 and 64 tokens * 2 FLOP per active parameter / (4 GPUs * 989.5e12 FLOP/s)
+    compute = np.array([1024, 64]) * 2 * m.active_params / (4 * 989.5e12) * 1e6
+    np.testing.assert_allclose(f["dense_compute_us"], compute, rtol=1e-12)
+    np.testing.assert_allclose(f["dense_roofline_us"], np.maximum(compute, read), rtol=1e-12)
+    assert compute[0] > read > compute[1]  # one compute-bound and one memory-bound step
+    # one request prefilling 1000 tokens: 1000^2 / 2 causal pairs of 4 * 80 layers * 8192 FLOPs
+    # (the first step has 2 prefilling requests: 500 pairs-per-token each)
+    np.testing.assert_allclose(f["prefill_attn_us"], [1000 ** 2 / 4 * 4 * 80 * 8192 / (4 * 989.5e12) * 1e6, 0],
+                               rtol=1e-12)
+    np.testing.assert_allclose(f["kv_write_us"], np.array([1024, 64]) * 327_680 / (4 * 3.35e12) * 1e6, rtol=1e-12)
+    np.testing.assert_allclose(f["kv_read_us"], np.array([0.5, 0.25]) * cfg.kv_blocks_total * 16 * 327_680 / 4
+                               / 3.35e12 * 1e6, rtol=1e-12)
     # all-reduce: 3/4 of 4 * 80 layers * 1024 tokens * 8192 * 2 bytes over 900 GB/s
     np.testing.assert_allclose(f["tp_allreduce_us"][0], 0.75 * 4 * 80 * 1024 * 8192 * 2 / 900e9 * 1e6, rtol=1e-12)
-    np.testing.assert_allclose(f["tp_sync_us"], [3 * 40 / 128 * 8.0, 3 * 64 / 128 * 8.0])
+    # 2 all-reduces per layer, log2(4) = 2 hops each at the GPU's link latency
+    np.testing.assert_allclose(f["tp_comm_fixed_us"], 2 * 80 * 2 * cfg.gpu.link_latency_us, rtol=1e-12)
     block_bytes = 16 * 327_680 / 4
     np.testing.assert_allclose(f["offload_out_us"], [0, 10 * block_bytes / 64e9 * 1e6], rtol=1e-12)
     np.testing.assert_allclose(f["offload_in_us"], [3 * block_bytes / 64e9 * 1e6, 0], rtol=1e-12)
-    np.testing.assert_allclose(f["moe_expert_compute_us"], 0)
-    weights = cat.model("Llama-2-70b-hf").total_params * 2 / 4
-    np.testing.assert_allclose(f["weight_read_us"], weights / 3.35e12 * 1e6, rtol=1e-12)
+    for name in ("moe_roofline_us", "moe_read_us", "moe_compute_us"):
+        np.testing.assert_allclose(f[name], 0)
     np.testing.assert_allclose(f["scheduled_seqs"], [26, 64])
+    np.testing.assert_allclose(f["prefill_tokens"], [1000, 0])
+    np.testing.assert_allclose(f["decode_tokens"], [24, 64])
 
 
 def test_moe_terms_appear_only_for_moe(cat):
-    moe = DeploymentConfig(cat.model("Mixtral-8x7B-v0.1"), cat.gpu("H100-SXM"), ServingSettings(tp=2, expert_parallel=2))
+    m = cat.model("Mixtral-8x7B-v0.1")
+    moe = DeploymentConfig(m, cat.gpu("H100-SXM"), ServingSettings(tp=2, expert_parallel=2))
     X = feature_matrix(_steps(), moe, "beta")
     f = {feat.name: X[:, i] for i, feat in enumerate(BETA_FEATURES)}
-    np.testing.assert_allclose(f["moe_active_experts"], 2 / 8)
-    np.testing.assert_allclose(f["moe_expert_parallel"], 2)
-    # 1024 tokens, 2 of 8 experts each: 256 tokens per expert, 2*3*4096*14336 FLOPs per layer, 32 layers
-    expert_flops = 2 * 32 * 3 * 4096 * 14336
-    np.testing.assert_allclose(f["moe_expert_compute_us"][0], 1024 * 2 / 8 * expert_flops / (2 * 989.5e12) * 1e6,
-                               rtol=1e-12)
+    # 2 of 8 experts per token; one expert's MLP is 3 * 4096 * 14336 weights in each of 32 layers;
+    # under EP 2 each GPU holds 4 whole experts and a token's expert FLOPs spread over the 2 ranks
+    expert_params = 32 * 3 * 4096 * 14336
+    compute = np.array([1024, 64]) * 2 * 2 * expert_params / (2 * 989.5e12) * 1e6
+    np.testing.assert_allclose(f["moe_compute_us"], compute, rtol=1e-12)
+    touched = 4 * (1 - 0.75 ** np.array([1024, 64]))  # local experts hit by at least one token
+    read = touched * expert_params * 2 / 3.35e12 * 1e6
+    np.testing.assert_allclose(f["moe_read_us"], read, rtol=1e-12)
+    np.testing.assert_allclose(f["moe_roofline_us"], np.maximum(compute, read), rtol=1e-12)
+    # the dense part excludes all 8 experts' weights (per GPU: / tp)
+    dense = (m.total_params - 8 * expert_params) * 2 / 2 / 3.35e12 * 1e6
+    np.testing.assert_allclose(f["dense_read_us"], dense, rtol=1e-12)
+    # EP: one all-reduce per layer over log2(2) hops plus dispatch + combine over log2(2)
+    np.testing.assert_allclose(f["tp_comm_fixed_us"], (32 + 2 * 32) * moe.gpu.link_latency_us, rtol=1e-12)
     np.testing.assert_allclose(f["offload_out_us"], 0)  # offload off
 
 
