@@ -124,21 +124,22 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import PROTOCOLS, EvalOptions, baseline_text, evaluate_artifact
+    from .evaluate import PROTOCOLS, EvalOptions, baseline_text
     from .report import write_report
+    from .review import review_artifact
     from .runner import connect_ray
 
     options = EvalOptions(
         protocols=PROTOCOLS if args.protocol == "all" else (args.protocol,), sparse_top_k=args.sparse_top_k,
         cv_folds=args.folds, k_grid=tuple(args.k_grid), temperatures=tuple(args.temperatures),
-        top_ks=tuple(args.top_k_grid), borrows=None if args.borrow_grid is None else tuple(args.borrow_grid),
-        donor_experiment=not args.no_donor_experiment)
+        top_ks=tuple(args.top_k_grid), borrows=None if args.borrow_grid is None else tuple(args.borrow_grid))
     connect_ray(args.ray_address)
-    ev = evaluate_artifact(args.artifact, args.store, options, args.max_regression)
-    print(baseline_text(ev))
-    if ev.drift is not None:
-        print(f"drift vs previous version: {ev.drift.reason}")
-    print(f"report: {write_report(ev, args.report)}")
+    rv = review_artifact(args.artifact, args.store, options, args.max_regression,
+                         run_donors=not args.no_donor_experiment)
+    print(baseline_text(rv.evaluation))
+    if rv.drift is not None:
+        print(f"drift vs previous version: {rv.drift.reason}")
+    print(f"report: {write_report(rv, args.report)}")
     return 0
 
 

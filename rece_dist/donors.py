@@ -23,7 +23,7 @@ import polars as pl
 
 from .config import Catalog, DeploymentConfig, config_vector, read_document
 from .errors import ConfigError
-from .evaluate import EvaluationError, Fitter, FitRequest, PredictJob, aggregate, predict_cells
+from .refit import EvaluationError, Fitter, FitRequest, PredictJob, aggregate, predict_cells
 from .pipeline import TARGETS
 from .progress import log
 from .specialists import Embedding

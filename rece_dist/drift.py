@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .ensemble import _qkey
 from .errors import ArtifactError, ReceError
-from .evaluate import aggregate, own_mixing_job, predict_cells
+from .refit import aggregate, own_mixing_job, predict_cells
 from .objstore import ObjectRoot, S3Options
 from .pipeline import TARGETS, FeatureSet
 

@@ -1,6 +1,7 @@
 """The evaluation report: one folder with ``index.html`` and the PNGs it shows (matplotlib, Agg).
 
-Every number on the page comes from an ``evaluate.Evaluation``; the page only lays it out.
+Every number on the page comes from a ``review.Review`` (the evaluation, the donor experiment
+and drift); the page only lays it out.
 Plots: calibration per quantile (nominal vs observed one-sided coverage), error by
 configuration and by GPU / model on unseen configurations, the configurations in 2-D (PCA of
 the artifact's embedding) coloured by specialist, predicted intervals against observed
@@ -23,10 +24,13 @@ from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from .donors import describe  # noqa: E402
 from .ensemble import RECEModel  # noqa: E402
 from .evaluate import (PROTOCOL_TITLES, SPLITS, Evaluation, Method, baseline_rows, fmt,  # noqa: E402
-                       _folds, short_label, sweep_text, table_footnotes)
+                       short_label, sweep_text, table_footnotes)
+from .evaluate.baselines import _folds  # noqa: E402
 from .pipeline import TARGETS  # noqa: E402
+from .review import Review  # noqa: E402
 
 DPI = 110
 
@@ -238,9 +242,9 @@ def plot_embedding_check(ev: Evaluation, out: Path) -> str | None:
     return _save(fig, out, "embedding_validation.png")
 
 
-def plot_donors(ev: Evaluation, out: Path) -> str | None:
+def plot_donors(rv: Review, out: Path) -> str | None:
     """Per trial: unseen error after adding each pool candidate, in ranking order (top donor first)."""
-    exp = ev.donors
+    exp, ev = rv.donors, rv.evaluation
     if exp is None:
         return None
     fig, axes = plt.subplots(1, len(exp.trials), figsize=(4.2 * len(exp.trials), 4.2), squeeze=False, sharey=True)
@@ -307,7 +311,8 @@ pre{background:#f6f8fa;padding:8px;font-size:12px;overflow-x:auto}
 """
 
 
-def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
+def render_html(rv: Review, images: dict[str, str | None]) -> str:
+    ev = rv.evaluation
     main = _main_protocol(ev)
     doc = ev.artifact
     tr = doc.get("training", {})
@@ -318,7 +323,7 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
              f"Folds re-fit with the artifact's settings (K={s.specialists}, {s.clustering}, borrow {s.borrow:g}, "
              f"temperature {s.temperature:g}, quantiles {', '.join(f'{q:g}' for q in s.quantiles)}"
              f"{f', unseen intervals calibrated by {s.calibrate_folds} folds' if s.calibrate_folds else ''}). "
-             f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {ev.seconds:.0f} s.</p>"]
+             f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {rv.seconds:.0f} s.</p>"]
     parts.append("<h2>Baselines, side by side</h2><p class='note'><b>seen</b>: held-out slice of the training "
                  "configurations; <b>unseen</b>: every row of the held-out configurations (or dates). Metrics pool "
                  "the rows of all folds; <i>rel pinball</i> is pinball / mean |y| averaged over configurations "
@@ -384,8 +389,7 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
     if ev.sweep is not None:
         parts.append("<h2>Sensitivity to temperature, K and top-k</h2>" + _img(images.get("sensitivity"), "sensitivity"))
         parts.append(f"<pre>{html.escape(sweep_text(ev.sweep))}</pre>")
-    if ev.donors is not None:
-        from .donors import describe
+    if rv.donors is not None:
 
         parts.append("<h2>Donor selection: does the top-ranked candidate help more than a random one?</h2>"
                      "<p class='note'>Per trial, some configurations are held out as targets, a few form the base set "
@@ -393,15 +397,15 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
                      "set's embedding; RECE is fitted on base + each candidate in turn and scored on the targets "
                      "(all rows). 'random candidate' is the exact mean over the pool.</p>")
         parts.append(_img(images.get("donors"), "donor experiment"))
-        parts.append(_table(_frame_rows(ev.donors.summary()), "unseen relative pinball (and beta P50 MAPE) on the targets"))
-        parts.append(f"<p><b>{html.escape(ev.donors.verdict())}</b></p>")
+        parts.append(_table(_frame_rows(rv.donors.summary()), "unseen relative pinball (and beta P50 MAPE) on the targets"))
+        parts.append(f"<p><b>{html.escape(rv.donors.verdict())}</b></p>")
         labels = {c: short_label(cfg) for c, cfg in ev.configs.items()}
         trials = [["trial", "targets", "base", "candidates, ranked"]]
         trials += [[d["trial"], "; ".join(d["targets"]), "; ".join(d["base"]), "; ".join(d["ranking"])]
-                   for d in describe(ev.donors, labels)]
+                   for d in describe(rv.donors, labels)]
         parts.append(_table(trials))
-    if ev.drift is not None:
-        d = ev.drift
+    if rv.drift is not None:
+        d = rv.drift
         parts.append(f"<h2>Drift against the previous version</h2><p><b>{html.escape(d.reason)}</b></p>")
         parts.append(_table(_frame_rows(d.metrics)))
         if d.coefficients.height:
@@ -410,14 +414,15 @@ def render_html(ev: Evaluation, images: dict[str, str | None]) -> str:
             [m["label"], m["old_specialist"], m["new_specialist"]] for m in d.moved]
         parts.append(_table(moved, "configurations that moved specialist") if d.moved
                      else "<p class='note'>No configuration moved specialist.</p>")
-    if ev.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in ev.notes) + "</ul>")
+    if rv.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in rv.notes) + "</ul>")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>RECE evaluation</title><style>{CSS}</style>"
             f"</head><body>{''.join(parts)}</body></html>")
 
 
-def write_report(ev: Evaluation, out_dir: str) -> Path:
+def write_report(rv: Review, out_dir: str) -> Path:
     """Write ``out_dir/index.html`` and its PNGs; returns the HTML path."""
+    ev = rv.evaluation
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     main = _main_protocol(ev)
@@ -431,8 +436,8 @@ def write_report(ev: Evaluation, out_dir: str) -> Path:
         "embedding": plot_embedding(ev, out),
         "embedding_check": plot_embedding_check(ev, out),
         "sensitivity": plot_sensitivity(ev, out),
-        "donors": plot_donors(ev, out),
+        "donors": plot_donors(rv, out),
     }
     path = out / "index.html"
-    path.write_text(render_html(ev, images))
+    path.write_text(render_html(rv, images))
     return path

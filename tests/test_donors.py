@@ -12,7 +12,7 @@ from rece_dist.config import config_vector
 from rece_dist.donors import (distinct_splits, donor_experiment, greedy_max_min, load_candidates, new_candidates,
                               rank_donors, split_sizes)
 from rece_dist.errors import ConfigError
-from rece_dist.evaluate import EvaluationError, Fitter
+from rece_dist.refit import EvaluationError, Fitter
 from rece_dist.pipeline import TrainSettings, featurize_store
 from rece_dist.specialists import Embedding
 from rece_dist.store import Store

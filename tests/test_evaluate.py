@@ -12,9 +12,10 @@ import polars as pl
 import pytest
 
 from ground_truth import configs, write_store
-from rece_dist.evaluate import (Cell, EvalOptions, artifact_splits, EvaluationError, Fitter, aggregate, baseline_rows, choose,
-                                common_grid, config_kfold, evaluate, mantel, methods, pair_distances, probe_rows, protocol_folds,
-                                relative_pinball, run_protocol, table_footnotes)
+from rece_dist.evaluate import (EvalOptions, artifact_splits, EvaluationError, baseline_rows, choose, common_grid,
+                                config_kfold, evaluate, mantel, methods, pair_distances, probe_rows, protocol_folds,
+                                run_protocol, table_footnotes)
+from rece_dist.refit import Cell, Fitter, aggregate, relative_pinball
 from rece_dist.pipeline import FeatureSet, ShardStats, TrainSettings, featurize_store, fit_ensemble
 
 QS = (0.1, 0.5, 0.9)
@@ -220,7 +221,7 @@ def test_no_fit_sees_a_held_out_configuration_or_date(truth_fs, evaluation):
 def evaluation(truth_fs):
     doc = fit_ensemble(truth_fs, SETTINGS)
     opts = EvalOptions(protocols=("loco",), sparse_top_k=1, k_grid=(2,), temperatures=(0.1, 1.0), top_ks=(1, None),
-                       borrows=(0.0, 0.5), donor_experiment=False, sample_rows=50)
+                       borrows=(0.0, 0.5), sample_rows=50)
     return evaluate(truth_fs, SETTINGS, doc, opts)
 
 

@@ -216,7 +216,7 @@ def test_rare_feature_globbed_to_one_side_is_repaired_along_its_ray():
 
 def test_solver_failure_is_resolved_by_another_route(monkeypatch):
     """A failed solve is re-solved (HiGHS IPM, then CLARABEL), named in `solver`, still exact."""
-    import rece_dist.quantile as q
+    from rece_dist.quantile import lp as q
 
     X, y = heavy_tailed(8_000, p=8, seed=21)
     ref = fit_quantile(X, y, 0.8, reduce="never")

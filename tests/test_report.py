@@ -42,9 +42,9 @@ def run(tmp_path_factory, ray_local):
     captured = {}
     write = report.write_report
 
-    def keep(ev, out_dir):
-        captured["ev"] = ev
-        return write(ev, out_dir)
+    def keep(rv, out_dir):
+        captured["rv"] = rv
+        return write(rv, out_dir)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(report, "write_report", keep)
@@ -54,11 +54,11 @@ def run(tmp_path_factory, ray_local):
                    "--k-grid", "1", "--temperatures", "0.1", "--top-k-grid", "dense", "--no-donor-experiment"])
     finally:
         mp.undo()
-    return rc, captured["ev"], out_dir
+    return rc, captured["rv"], out_dir
 
 
 def test_evaluate_writes_a_page_with_every_plot(run):
-    rc, ev, out = run
+    rc, _, out = run
     assert rc == 0
     page = (out / "index.html").read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
@@ -72,7 +72,8 @@ def test_evaluate_writes_a_page_with_every_plot(run):
 
 
 def test_the_page_shows_the_evaluations_numbers(run):
-    _, ev, out = run
+    _, rv, out = run
+    ev = rv.evaluation
     page = (out / "index.html").read_text()
     for target in ("alpha", "beta"):
         for row in baseline_rows(ev.scores, ev.methods, "temporal", target)[1:]:
@@ -83,8 +84,8 @@ def test_the_page_shows_the_evaluations_numbers(run):
 
 
 def test_the_worse_latest_version_shows_up_as_drift(run):
-    _, ev, out = run
-    assert ev.drift is not None and not ev.drift.ok and "beta pinball" in ev.drift.reason
+    _, rv, out = run
+    assert rv.drift is not None and not rv.drift.ok and "beta pinball" in rv.drift.reason
     page = (out / "index.html").read_text()
-    assert html.escape(ev.drift.reason) in page
+    assert html.escape(rv.drift.reason) in page
     assert Path(out / "index.html").stat().st_size > 5000

@@ -1,0 +1,170 @@
+"""The whole evaluation of an artifact's recipe on one store: every protocol, baseline, the
+embedding check and the sensitivity sweep, aggregated into the tables the report shows.
+
+The donor experiment and drift against a previous version are composed on top of this by
+``review.py``; they need only ``refit``, so nothing here imports them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from ..config import DeploymentConfig
+from ..pipeline import TARGETS, FeatureSet, TrainSettings
+from ..progress import log
+from ..refit import Cell, EvaluationError, FitRequest, Fitter, aggregate, own_mixing_job, predict_cells
+from .baselines import Method, _folds, baseline_rows, methods, table_footnotes, text_table
+from .embedding_check import EmbeddingCheck, embedding_check
+from .protocols import PROTOCOL_TITLES, PROTOCOLS, ProtocolRun, config_kfold, protocol_folds, run_protocol
+from .tune import Sweep, sweep
+
+@dataclass(frozen=True)
+class EvalOptions:
+    protocols: tuple[str, ...] = PROTOCOLS
+    sparse_top_k: int = 2
+    cv_folds: int | None = None            # sensitivity folds over configurations (None: one per config)
+    k_grid: tuple[int, ...] = (1, 2, 4, 6)
+    temperatures: tuple[float, ...] = (0.05, 0.1, 0.3, 1.0)
+    top_ks: tuple[int | None, ...] = (1, 2, None)
+    borrows: tuple[float, ...] | None = None  # None: the artifact's borrow only
+    sample_rows: int = 150
+    parallel_fits: int = 3
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.protocols if p not in PROTOCOLS]
+        if bad:
+            raise EvaluationError(f"unknown protocol(s) {', '.join(bad)}; use {', '.join(PROTOCOLS)} or all")
+        if self.sparse_top_k < 1:
+            raise EvaluationError("--sparse-top-k must be at least 1")
+
+
+@dataclass
+class Sample:
+    """A few unseen rows of one configuration with each method's predicted quantiles (for plots)."""
+
+    protocol: str
+    config_id: str
+    target: str
+    y: np.ndarray
+    values: dict[str, np.ndarray]  # method -> (rows, quantiles)
+
+
+@dataclass
+class Evaluation:
+    store_uri: str
+    artifact: dict[str, Any]
+    settings: TrainSettings
+    options: EvalOptions
+    methods: tuple[Method, ...]
+    configs: dict[str, DeploymentConfig]
+    runs: dict[str, ProtocolRun]
+    scores: pl.DataFrame           # protocol, method, split, target
+    by_config: pl.DataFrame        # ... + config_id
+    by_gpu: pl.DataFrame           # ... + gpu
+    by_model: pl.DataFrame         # ... + model
+    published: pl.DataFrame        # the artifact itself on the store's held-out slice, per split and target
+    samples: list[Sample]
+    embedding: EmbeddingCheck | None
+    sweep: Sweep | None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def config_attrs(configs: Mapping[str, DeploymentConfig]) -> dict[str, dict[str, str]]:
+    """What ``aggregate`` can group by besides Cell fields."""
+    return {c: {"gpu": cfg.gpu.name, "model": cfg.model.name} for c, cfg in configs.items()}
+
+
+def _samples(cells: Sequence[Cell], protocol: str, rows: int, seed: int) -> list[Sample]:
+    """Up to ``rows`` unseen rows per (configuration, target), the same rows for every method."""
+    by: dict[tuple[str, str], dict[str, Cell]] = {}
+    for c in cells:
+        if c.protocol == protocol and c.split == "unseen":
+            by.setdefault((c.config_id, c.target), {})[c.method] = c
+    out = []
+    for (cid, t), per_method in sorted(by.items()):
+        first = next(iter(per_method.values()))
+        n = len(first.y)
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
+        out.append(Sample(protocol, cid, t, first.y[idx], {m: c.values[idx] for m, c in per_method.items()}))
+    return out
+
+
+def artifact_splits(fs: FeatureSet, doc: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Shards whose configuration and date the artifact trained on ("seen"), and the rest ("unseen")."""
+    first, last = doc["training"]["date_window"]
+    trained = [st.config_id in doc["configurations"] and first <= st.date <= last for st in fs.stats]
+    return {"seen": tuple(i for i, t in enumerate(trained) if t), "unseen": tuple(i for i, t in enumerate(trained) if not t)}
+
+
+def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, Any],
+             options: EvalOptions = EvalOptions(), fitter: Fitter | None = None) -> Evaluation:
+    """Run the protocols, baselines, embedding validation and sensitivity sweep.
+
+    ``settings`` are the artifact's training settings: every fold re-fits with them, so the
+    numbers describe the recipe that produced the artifact, on this store. ``fitter``: pass one
+    to share its fits with later work on the same store (the donor experiment).
+    """
+    t0 = time.monotonic()
+    fitter = fitter or Fitter(fs, settings, options.parallel_fits)
+    meths = methods(options.sparse_top_k)
+    notes: list[str] = []
+    runs: dict[str, ProtocolRun] = {}
+    for p in options.protocols:
+        try:
+            folds = protocol_folds(fs, p)
+        except EvaluationError as exc:
+            if len(options.protocols) == 1:
+                raise
+            notes.append(f"skipped {p}: {exc}")
+            log(f"[evaluate] skipped {p}: {exc}")
+            continue
+        log(f"[evaluate] {p} ({PROTOCOL_TITLES[p]}): {len(folds)} fold(s)")
+        runs[p] = run_protocol(fitter, folds, meths, settings.temperature)
+    if not runs:
+        raise EvaluationError("no protocol could run on this store: " + "; ".join(notes))
+    cells = [c for r in runs.values() for c in r.cells]
+    qs = settings.quantiles
+    attrs = config_attrs(fs.configs)
+    base = ("protocol", "method", "split", "target")
+    published = aggregate(predict_cells(fs, [own_mixing_job(artifact_doc, shards, ("published", "-", "published", split))
+                                             for split, shards in artifact_splits(fs, artifact_doc).items() if shards],
+                                        "published artifact"), qs, ("split", "target"))
+    main = "loco" if "loco" in runs else next(iter(runs))
+
+    per_config_doc = fitter.fit_many([FitRequest(tuple(range(len(fs.stats))), "per_config")], "embedding fit")[0]
+    emb = embedding_check(fs, per_config_doc, settings, options.k_grid) if len(fs.config_ids) >= 3 else None
+    if emb is None:
+        notes.append("embedding validation needs at least 3 configurations")
+    sw = None
+    if len(fs.config_ids) >= 3:
+        sw = sweep(fitter, config_kfold(fs, options.cv_folds, settings.seed), options.k_grid, options.temperatures,
+                   options.top_ks, options.borrows)
+    else:
+        notes.append("the sensitivity sweep needs at least 3 configurations")
+    return Evaluation(
+        store_uri=fs.store_uri, artifact=artifact_doc, settings=settings, options=options, methods=meths,
+        configs=dict(fs.configs), runs=runs,
+        scores=aggregate(cells, qs, base),
+        by_config=aggregate(cells, qs, base + ("config_id",)),
+        by_gpu=aggregate(cells, qs, base + ("gpu",), attrs),
+        by_model=aggregate(cells, qs, base + ("model",), attrs),
+        published=published, samples=_samples(cells, main, options.sample_rows, settings.seed),
+        embedding=emb, sweep=sw, notes=notes, seconds=time.monotonic() - t0,
+    )
+
+
+def baseline_text(ev: Evaluation) -> str:
+    """Every protocol's baseline table, as printed by ``rece evaluate``."""
+    out = []
+    for p in ev.runs:
+        for t in TARGETS:
+            out.append(f"== {p} ({PROTOCOL_TITLES[p]}), {t}, {_folds(len(ev.runs[p].folds))} ==")
+            out.append(text_table(baseline_rows(ev.scores, ev.methods, p, t)))
+        out += table_footnotes(ev.scores, ev.methods, p)
+    return "\n".join(out)

@@ -1,0 +1,192 @@
+"""Re-fits on subsets of one featurized store, the predictions they make, and their aggregation.
+
+What the evaluation protocols, the donor experiment and the drift gate share, so that none of
+them imports another: a `FitRequest` names training shards and a kind of fit ("rece",
+"global", "per_config"); a `Fitter` runs each distinct request once (``pipeline.fit_ensemble``);
+a `PredictJob` scores shards with a fitted document in Ray tasks, one `Cell` per configuration
+and target; `aggregate` turns cells into metric tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+import ray
+
+from .errors import ReceError
+from .metrics import pinball, quantile_metrics
+from .pipeline import TARGETS, FeatureSet, TrainSettings, evaluate_shard, fit_ensemble
+from .progress import gather, log
+
+
+class EvaluationError(ReceError):
+    """A protocol cannot run on this store (too few configurations, GPUs, models or dates)."""
+
+
+# --- fitting, once per distinct (shards, kind, K) ------------------------------------------------
+
+@dataclass(frozen=True)
+class FitRequest:
+    train: tuple[int, ...]
+    kind: str                    # "rece" (clustered), "global" (one group), "per_config" (one group each)
+    specialists: int | None = None  # K for "rece"; None: the settings' K
+    borrow: float | None = None     # for "rece"; None: the settings' borrow
+
+
+def fit_labels(kind: str, config_ids: Iterable[str]) -> dict[str, int] | None:
+    """Forced specialists for a baseline (None: let RECE cluster)."""
+    ids = sorted(config_ids)
+    if kind == "rece":
+        return None
+    if kind == "global":
+        return {c: 0 for c in ids}
+    if kind == "per_config":
+        return {c: i for i, c in enumerate(ids)}
+    raise ValueError(f"unknown fit kind {kind!r}")
+
+
+class Fitter:
+    """Runs ``fit_ensemble`` for fit requests, each distinct one once.
+
+    Folds, baselines and sweeps ask for overlapping fits (LOCO's RECE fit is also the sweep's
+    fit at the default K); caching them halves a full evaluation. Distinct fits run a few at a
+    time from driver threads so a cluster is not idle between one fit's LPs and the next.
+    """
+
+    def __init__(self, fs: FeatureSet, settings: TrainSettings, parallel: int = 3):
+        self.fs = fs
+        self.settings = settings
+        self.parallel = parallel
+        self.docs: dict[FitRequest, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, req: FitRequest) -> FitRequest:
+        """Canonical form: sorted shards; K and borrow only matter (and default to the settings')
+        for RECE, and borrow not with one specialist. Baselines are what they say: the global and
+        the per-configuration fits borrow nothing."""
+        if req.kind != "rece":
+            return FitRequest(tuple(sorted(req.train)), req.kind, None, 0.0)
+        k = req.specialists or self.settings.specialists
+        borrow = self.settings.borrow if req.borrow is None else req.borrow
+        return FitRequest(tuple(sorted(req.train)), req.kind, k, borrow if k > 1 else 0.0)
+
+    def _fit(self, req: FitRequest) -> dict[str, Any]:
+        settings = dataclasses.replace(self.settings, specialists=req.specialists or self.settings.specialists,
+                                       borrow=req.borrow)
+        ids = {self.fs.stats[i].config_id for i in req.train}
+        return fit_ensemble(self.fs, settings, list(req.train), fit_labels(req.kind, ids))
+
+    def fit_many(self, requests: Sequence[FitRequest], label: str = "fits") -> list[dict[str, Any]]:
+        keys = [self._key(r) for r in requests]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.docs))
+        if todo:
+            log(f"[evaluate] {label}: {len(todo)} fit(s) ({len(keys) - len(todo)} reused)")
+            t0, done = time.monotonic(), 0
+            pool = ThreadPoolExecutor(max_workers=self.parallel)
+            try:
+                for key, doc in zip(todo, pool.map(self._fit, todo)):
+                    with self._lock:
+                        self.docs[key] = doc
+                    done += 1
+                    log(f"[evaluate] {label}: fit {done}/{len(todo)} done ({time.monotonic() - t0:.0f} s)")
+            finally:  # on Ctrl-C or an error, drop the fits not yet started instead of running them all
+                pool.shutdown(wait=False, cancel_futures=True)
+        return [self.docs[k] for k in keys]
+
+
+# --- predictions and scored cells ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cell:
+    """One method's predictions for one configuration's rows of one target, fold and split."""
+
+    protocol: str
+    fold: str
+    method: str
+    split: str
+    config_id: str
+    target: str
+    y: np.ndarray
+    values: np.ndarray  # (rows, quantiles)
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """Score ``shards`` with ``doc``; ``top_k`` None means dense (every specialist)."""
+
+    doc: dict[str, Any]
+    shards: tuple[int, ...]
+    all_rows: bool
+    top_k: int | None
+    temperature: float
+    tag: tuple[str, str, str, str]  # protocol, fold, method, split
+
+
+def own_mixing_job(doc: dict[str, Any], shards: tuple[int, ...], tag: tuple[str, str, str, str]) -> PredictJob:
+    """Score the held-out slice of ``shards`` exactly as the artifact says it mixes."""
+    mix = doc["mixing"]
+    return PredictJob(doc, shards, False, mix.get("top_k"), float(mix["temperature"]), tag)
+
+
+def predict_cells(fs: FeatureSet, jobs: Sequence[PredictJob], label: str = "predictions") -> list[Cell]:
+    """Run every job's shard predictions as Ray tasks, gathered once; one Cell per (job, shard, target)."""
+    doc_refs: dict[int, ray.ObjectRef] = {}
+    refs, owners = [], []
+    for job in jobs:
+        ref = doc_refs.setdefault(id(job.doc), ray.put(job.doc))
+        k = len(job.doc["specialists"]) if job.top_k is None else job.top_k
+        for i in job.shards:
+            cid = fs.stats[i].config_id
+            refs.append(evaluate_shard.remote(ref, fs.shard_refs[i], fs.configs[cid], job.all_rows, k, job.temperature))
+            owners.append((job, cid))
+    cells = []
+    for (job, cid), out in zip(owners, gather(refs, label) if refs else []):
+        for t in TARGETS:
+            y, values, _ = out[t]
+            if len(y):
+                cells.append(Cell(*job.tag, cid, t, y, values))
+    return cells
+
+
+# --- aggregation --------------------------------------------------------------------------------
+
+def relative_pinball(y: np.ndarray, values: np.ndarray, quantiles: Sequence[float]) -> float:
+    """Mean pinball loss over the quantiles divided by mean |y|: comparable across configurations."""
+    if not len(y):
+        return float("nan")
+    loss = np.mean([pinball(y, values[:, j], tau) for j, tau in enumerate(quantiles)])
+    return float(loss / np.mean(np.abs(y)))
+
+
+def aggregate(cells: Iterable[Cell], quantiles: Sequence[float], by: Sequence[str],
+              attrs: Mapping[str, Mapping[str, str]] | None = None) -> pl.DataFrame:
+    """Metrics per group of cells (``by``: Cell fields, or keys of ``attrs[config_id]`` like gpu).
+
+    Rows are pooled within a group for ``metrics.quantile_metrics`` and ``rel_pinball``;
+    ``rel_pinball_macro`` is the mean over the group's configurations of each one's own
+    relative pinball, so every configuration counts equally.
+    """
+    qs = tuple(quantiles)
+    groups: dict[tuple[str, ...], list[Cell]] = {}
+    for c in cells:
+        key = tuple(str(getattr(c, f)) if f in Cell.__dataclass_fields__ else attrs[c.config_id][f] for f in by)
+        groups.setdefault(key, []).append(c)
+    rows = []
+    for key, cs in sorted(groups.items()):
+        y = np.concatenate([c.y for c in cs])
+        vals = np.vstack([c.values for c in cs])
+        per_config: dict[str, list[Cell]] = {}
+        for c in cs:
+            per_config.setdefault(c.config_id, []).append(c)
+        macro = np.mean([relative_pinball(np.concatenate([c.y for c in v]), np.vstack([c.values for c in v]), qs)
+                         for v in per_config.values()])
+        rows.append({**dict(zip(by, key)), **quantile_metrics(y, vals, qs), "rel_pinball": relative_pinball(y, vals, qs),
+                     "rel_pinball_macro": float(macro), "configs": len(per_config)})
+    return pl.DataFrame(rows)
