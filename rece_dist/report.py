@@ -26,6 +26,8 @@ import polars as pl  # noqa: E402
 
 from .donors import describe  # noqa: E402
 from .ensemble import RECEModel  # noqa: E402
+from .evaluate.run import ev_targets  # noqa: E402
+from .evaluate.targets import rece_method, targets_rows  # noqa: E402
 from .evaluate import (PROTOCOL_TITLES, SPLITS, Evaluation, Method, baseline_rows, fmt,  # noqa: E402
                        short_label, sweep_text, table_footnotes)
 from .evaluate.baselines import _folds  # noqa: E402
@@ -324,6 +326,15 @@ def render_html(rv: Review, images: dict[str, str | None]) -> str:
              f"temperature {s.temperature:g}, quantiles {', '.join(f'{q:g}' for q in s.quantiles)}"
              f"{f', unseen intervals calibrated by {s.calibrate_folds} folds' if s.calibrate_folds else ''}). "
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {rv.seconds:.0f} s.</p>"]
+    targets = ev_targets(ev)
+    if len(targets):
+        parts.append("<h2>Transfer targets</h2><p class='note'>Unseen configurations, "
+                     f"{html.escape(rece_method(ev.artifact, ev.methods))}: P50 MAPE over the own-data (per-configuration) models' MAPE "
+                     "on seen ones, with the worst configuration's ratio; P10-P90 coverage (target 80% +- 5 pp; "
+                     "seen +- 3 pp) and median width; relative pinball gain over the global model and the nearest "
+                     "donor (target >= 20%); Spearman of embedding vs behaviour distance (beta >= 0.6). "
+                     "<b>MISS</b> marks a target not met.</p>")
+        parts.append(_table(targets_rows(targets)))
     parts.append("<h2>Baselines, side by side</h2><p class='note'><b>seen</b>: held-out slice of the training "
                  "configurations; <b>unseen</b>: every row of the held-out configurations (or dates). Metrics pool "
                  "the rows of all folds; <i>rel pinball</i> is pinball / mean |y| averaged over configurations "

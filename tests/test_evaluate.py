@@ -307,3 +307,30 @@ def test_artifact_splits_follow_what_the_artifact_trained_on():
     seen = {(fs.stats[i].config_id, fs.stats[i].date) for i in split["seen"]}
     assert seen == {(c, d) for c in trained for d in ("2026-11-01", "2026-11-02")}
     assert len(split["unseen"]) == 9 - 4
+
+
+def test_transfer_targets_by_hand():
+    """Ratio of pooled MAPEs, worst configuration's own ratio, coverage and pinball gains."""
+    from rece_dist.evaluate.targets import targets_rows, transfer_targets
+
+    a, b = configs(2)
+    own = [_cell(a.config_id, [100, 100], [[90, 110, 130], [70, 90, 110]], "per_config", "seen"),   # 10%, 10%
+           _cell(b.config_id, [100], [[90, 105, 120]], "per_config", "seen")]                         # 5%
+    rece = [_cell(a.config_id, [100, 100], [[90, 120, 130], [70, 80, 110]], "rece_dense"),           # 20%, 20%
+            _cell(b.config_id, [100], [[90, 115, 120]], "rece_dense"),                                # 15%
+            _cell(a.config_id, [100], [[95, 100, 105]], "rece_dense", "seen")]
+    base = [_cell(c.config_id, [100] * n, [[50, 150, 200]] * n, m) for m in ("global", "donor") for c, n in ((a, 2), (b, 1))]
+    cells = own + rece + base
+    scores = aggregate(cells, QS, ("protocol", "method", "split", "target"))
+    by_config = aggregate(cells, QS, ("protocol", "method", "split", "target", "config_id"))
+    df = transfer_targets(scores, by_config, "rece_dense", {a.config_id: a, b.config_id: b}, None)
+    r = df.filter(pl.col("target") == "beta").row(0, named=True)
+    assert r["protocol"] == "loco" and r["ratio"] == pytest.approx(0.2 / 0.1) and r["ratio_met"]
+    assert r["worst_ratio"] == pytest.approx(0.15 / 0.05) and r["worst_config"] == b.label
+    assert r["coverage"] == 1.0 and not r["coverage_met"]  # 100% is not 80% +- 5 pp
+    assert r["seen_coverage"] == 1.0 and not r["seen_met"]
+    rp = lambda cs: np.mean([relative_pinball(c.y, c.values, QS) for c in cs])  # one cell per configuration
+    assert r["gain_vs_global"] == pytest.approx(1 - rp(rece[:2]) / rp(base[:2]))
+    assert r["gain_met"] == (r["gain_vs_global"] >= 0.2 and r["gain_vs_donor"] >= 0.2)
+    assert not r["spearman_met"]  # no embedding check: nothing shows the target is met
+    assert any("MISS" in c for c in targets_rows(df)[1])

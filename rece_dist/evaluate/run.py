@@ -20,6 +20,7 @@ from ..progress import log
 from ..refit import Cell, EvaluationError, FitRequest, Fitter, aggregate, own_mixing_job, predict_cells
 from .baselines import Method, _folds, baseline_rows, methods, table_footnotes, text_table
 from .embedding_check import EmbeddingCheck, embedding_check
+from .targets import rece_method, targets_text, transfer_targets
 from .protocols import PROTOCOL_TITLES, PROTOCOLS, ProtocolRun, config_kfold, protocol_folds, run_protocol
 from .tune import Sweep, sweep
 
@@ -159,6 +160,11 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
     )
 
 
+def ev_targets(ev: Evaluation) -> pl.DataFrame:
+    """The transfer targets of an evaluation (``targets.transfer_targets``)."""
+    return transfer_targets(ev.scores, ev.by_config, rece_method(ev.artifact, ev.methods), ev.configs, ev.embedding)
+
+
 def baseline_text(ev: Evaluation) -> str:
     """Every protocol's baseline table, as printed by ``rece evaluate``."""
     out = []
@@ -167,4 +173,5 @@ def baseline_text(ev: Evaluation) -> str:
             out.append(f"== {p} ({PROTOCOL_TITLES[p]}), {t}, {_folds(len(ev.runs[p].folds))} ==")
             out.append(text_table(baseline_rows(ev.scores, ev.methods, p, t)))
         out += table_footnotes(ev.scores, ev.methods, p)
-    return "\n".join(out)
+    targets = targets_text(ev_targets(ev), rece_method(ev.artifact, ev.methods))
+    return "\n".join(out + ([targets] if targets else []))
