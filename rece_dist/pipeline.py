@@ -452,10 +452,12 @@ def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int
     qs = settings.quantiles
     mid = len(qs) // 2
     held: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}  # (target, config) -> (y, quantiles)
+    groups = []  # per fold: what it held out and what its fit says it trained on (auditable nesting)
     for k in range(n):
         out = {ids[i] for i in order[k::n]}
         log(f"[rece] unseen calibration: fold {k + 1}/{n}, holding out {len(out)} configuration(s)")
         doc = fit_ensemble(fs, inner, [i for i in shards if fs.stats[i].config_id not in out])
+        groups.append({"held_out": sorted(out), "trained_on": sorted(doc["configurations"])})
         test = [i for i in shards if fs.stats[i].config_id in out]
         for i, res in zip(test, predict_shards(doc, fs, test, rows="all")):
             for t in TARGETS:
@@ -474,7 +476,7 @@ def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int
                 ratio = (y - V[:, mid]) / d
             level = q if j > mid else 1 - q
             factors[t][_qkey(q)] = 1.0 if j == mid else widening_factor(np.where(d != 0, ratio, np.nan), w, level)
-    return {"method": "grouped cross-validation over configurations", "folds": n, "factors": factors}
+    return {"method": "grouped cross-validation over configurations", "folds": n, "factors": factors, "groups": groups}
 
 
 def predict_shards(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows: str = "holdout",

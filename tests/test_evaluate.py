@@ -334,3 +334,24 @@ def test_transfer_targets_by_hand():
     assert r["gain_met"] == (r["gain_vs_global"] >= 0.2 and r["gain_vs_donor"] >= 0.2)
     assert not r["spearman_met"]  # no embedding check: nothing shows the target is met
     assert any("MISS" in c for c in targets_rows(df)[1])
+
+
+def test_unseen_calibration_never_sees_the_group_it_measures(truth_fs):
+    """Each calibration fold's refit trained on every configuration but the ones it holds out."""
+    settings = TrainSettings(specialists=1, holdout_every=2, noncrossing=False, calibrate_folds=3)
+    doc = fit_ensemble(truth_fs, settings)
+    groups = doc["unseen_calibration"]["groups"]
+    ids = set(doc["configurations"])
+    assert len(groups) == 3
+    held = [set(g["held_out"]) for g in groups]
+    assert set().union(*held) == ids and sum(map(len, held)) == len(ids)  # each configuration held out once
+    for g in groups:
+        assert set(g["trained_on"]) == ids - set(g["held_out"])
+
+
+def test_one_law_transfers_to_an_unseen_configuration_within_noise(evaluation):
+    """The ground truth's law is identical across configurations, so the pooled model's P50 on a
+    configuration it never saw is as good as that configuration's own model on its own rows."""
+    for target in ("alpha", "beta"):
+        own = _metric(evaluation, "per_config", "seen", target, "mape_p50")
+        assert _metric(evaluation, "global", "unseen", target, "mape_p50") <= 1.25 * own, target
