@@ -65,10 +65,10 @@ def _settings(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .runner import train_and_publish
+    from .api import train
 
-    train_and_publish(args.store, args.out, _settings(args), ray_address=args.ray_address,
-                      max_regression=None if args.force else args.max_regression)
+    train(args.store, _settings(args), publish_to=args.out, ray_address=args.ray_address,
+          max_regression=None if args.force else args.max_regression)
     return 0
 
 
@@ -82,12 +82,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
+    from .api import load_artifact
     from .config import load_config_file
-    from .ensemble import RECEModel, predict_payload
+    from .ensemble import predict_payload
     from .errors import ArtifactError
-    from .publish import load_artifact
 
-    doc, _ = load_artifact(args.artifact)
+    model = load_artifact(args.artifact)
     cfg = load_config_file(args.config)
     try:
         with open(args.input) as f:
@@ -96,7 +96,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ArtifactError(f"{args.input}: input file not found") from None
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{args.input}: not valid JSON ({exc})") from None
-    print(json.dumps(predict_payload(RECEModel(doc), cfg, payload, args.input), indent=1))
+    print(json.dumps(predict_payload(model, cfg, payload, args.input), indent=1))
     return 0
 
 
@@ -124,32 +124,29 @@ def _grid_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import PROTOCOLS, EvalOptions, baseline_text
-    from .report import write_report
-    from .review import review_artifact
-    from .runner import connect_ray
+    from .api import EvalOptions, evaluate_artifact
+    from .evaluate import PROTOCOLS, baseline_text
 
     options = EvalOptions(
         protocols=PROTOCOLS if args.protocol == "all" else (args.protocol,), sparse_top_k=args.sparse_top_k,
         cv_folds=args.folds, k_grid=tuple(args.k_grid), temperatures=tuple(args.temperatures),
         top_ks=tuple(args.top_k_grid), borrows=None if args.borrow_grid is None else tuple(args.borrow_grid))
-    connect_ray(args.ray_address)
-    rv = review_artifact(args.artifact, args.store, options, args.max_regression,
-                         run_donors=not args.no_donor_experiment)
+    rv = evaluate_artifact(args.artifact, args.store, options, donors=not args.no_donor_experiment,
+                           max_regression=args.max_regression, report=args.report, ray_address=args.ray_address)
     print(baseline_text(rv.evaluation))
     if rv.drift is not None:
         print(f"drift vs previous version: {rv.drift.reason}")
-    print(f"report: {write_report(rv, args.report)}")
+    print(f"report: {rv.report}")
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .evaluate import sweep_text, tune
-    from .runner import connect_ray
+    from .api import tune
+    from .evaluate import sweep_text
 
-    connect_ray(args.ray_address)
-    print(sweep_text(tune(args.store, _settings(args), args.folds, args.k_grid, args.temperatures, args.top_k_grid,
-                          args.borrow_grid)))
+    print(sweep_text(tune(args.store, _settings(args), folds=args.folds, k_grid=args.k_grid,
+                          temperatures=args.temperatures, top_ks=args.top_k_grid, borrows=args.borrow_grid,
+                          ray_address=args.ray_address)))
     return 0
 
 
@@ -185,11 +182,12 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import os
 
+    from .api import load_artifact
     from .artifact import canonical_json
     from .blis import coefficient_sets, golden_vectors, probe_configs
-    from .publish import load_artifact
 
-    doc, manifest = load_artifact(args.artifact)
+    model = load_artifact(args.artifact)
+    doc, manifest = model.document, model.manifest
     os.makedirs(args.out, exist_ok=True)
     if args.format == "golden":
         path = os.path.join(args.out, "golden.json")
@@ -207,10 +205,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from .api import load_artifact
     from .artifact import summary_table
-    from .publish import load_artifact
 
-    doc, manifest = load_artifact(args.artifact)
+    model = load_artifact(args.artifact)
+    doc, manifest = model.document, model.manifest
     t = doc["training"]
     if manifest:
         print(f"version {manifest['version']}  sha256 {manifest['artifact_sha256'][:16]}...  "

@@ -482,3 +482,12 @@ def load_config_file(path: str | Path, catalog: Catalog | None = None) -> Deploy
     """Read one configuration document (JSON or YAML) and resolve it against the catalog."""
     doc = read_document(path, "configuration file")
     return (catalog or Catalog.default()).resolve(doc, str(path))
+
+
+def as_config(config: DeploymentConfig | Mapping[str, Any] | str | Path, catalog: Catalog | None = None) -> DeploymentConfig:
+    """A configuration however a caller holds it: resolved already, a document (dict), or a JSON/YAML file."""
+    if isinstance(config, DeploymentConfig):
+        return config
+    if isinstance(config, Mapping):
+        return (catalog or Catalog.default()).resolve(config, "configuration document")
+    return load_config_file(config, catalog)

@@ -25,12 +25,13 @@ training job built in memory are the same object and predict the same floats.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
-from .config import DeploymentConfig, config_vector
+from .config import DeploymentConfig, as_config, config_vector
 from .errors import ArtifactError
 from .features import FEATURES, feature_matrix
 from .specialists import cosine_similarity
@@ -66,9 +67,14 @@ def rearrange(values: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 class RECEModel:
-    """A RECE ensemble read from an artifact document (see ``artifact.py`` for the format)."""
+    """A RECE ensemble read from an artifact document (see ``artifact.py`` for the format).
 
-    def __init__(self, doc: Mapping[str, Any]):
+    ``document`` is that document; ``manifest`` the published version's provenance (None for a
+    model that was not published or was read from a bare artifact.json)."""
+
+    def __init__(self, doc: Mapping[str, Any], manifest: Mapping[str, Any] | None = None):
+        self.document = doc
+        self.manifest = manifest
         try:
             self.quantiles = tuple(float(q) for q in doc["quantiles"])
             vec = doc["config_vector"]
@@ -122,13 +128,27 @@ class RECEModel:
             values, _ = rearrange(mid + self.widen[target] * (values - mid))
         return Prediction(self.quantiles, values, weights, crossed)
 
-    def predict(self, target: str, rows: pl.DataFrame, cfg: DeploymentConfig, *,
-                top_k: int | None = None, temperature: float | None = None) -> Prediction:
-        """Quantiles of ``target`` for raw trace rows of configuration ``cfg``."""
+    @property
+    def version(self) -> str | None:
+        """The published version (``v-...``), if the model came from one."""
+        return None if self.manifest is None else self.manifest.get("version")
+
+    def predict(self, config: DeploymentConfig | Mapping[str, Any] | str | Path,
+                rows: pl.DataFrame | Sequence[Mapping[str, Any]], target: str = "beta", *,
+                top_k: int | None = None, temperature: float | None = None) -> np.ndarray:
+        """Quantiles of ``target`` (rows x ``self.quantiles``, microseconds) for input rows of a configuration.
+
+        ``config``: a ``DeploymentConfig``, a configuration document (dict) or a JSON/YAML file.
+        ``rows``: the columns of ``INPUT_COLUMNS[target]`` (a Polars frame or a list of dicts;
+        documented defaults fill optional ones), e.g. beta: prefill_tokens, decode_tokens,
+        running_depth, kv_usage_gpu_ratio. Mixing and unseen-configuration widening are the
+        artifact's own, exactly as BLIS evaluates them (``docs/artifact.md``)."""
         if target not in self.coef:
-            raise ValueError(f"unknown target {target!r}; use alpha or beta")
-        X = feature_matrix(rows, cfg, target)
-        return self.predict_matrix(target, X, self.weights(cfg, top_k, temperature), self.unseen(cfg))
+            raise ArtifactError(f"unknown target {target!r}; use alpha or beta")
+        cfg = as_config(config)
+        data = rows.to_dicts() if isinstance(rows, pl.DataFrame) else list(rows)
+        X = feature_matrix(rows_frame(target, data, "predict rows"), cfg, target)
+        return self.predict_matrix(target, X, self.weights(cfg, top_k, temperature), self.unseen(cfg)).values
 
 
 def _qkey(q: float) -> str:

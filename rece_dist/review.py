@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from .donors import DonorExperiment, donor_experiment
@@ -29,6 +30,7 @@ class Review:
     drift: DriftReport | None = None
     notes: list[str] = field(default_factory=list)  # the evaluation's, then this flow's own
     seconds: float = 0.0
+    report: Path | None = None  # index.html, once written
 
 
 def load_artifact_ref(ref: str) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -24,7 +24,7 @@ def module_name(path: Path, root: Path, package: str) -> str:
 
 
 def import_graph(root: Path, package: str, unresolved: list[str] | None = None) -> dict[str, set[str]]:
-    """Module -> the package's modules it imports (``from .x import y`` names module x.y when y is one).
+    """Module -> the package's modules it imports (``from .x import y``: module x.y when y is one, else x).
 
     ``unresolved`` collects relative imports of modules that do not exist (they fail when run)."""
     files = {module_name(p, root, package): p for p in sorted(root.rglob("*.py"))}
@@ -39,7 +39,9 @@ def import_graph(root: Path, package: str, unresolved: list[str] | None = None) 
             elif isinstance(node, ast.ImportFrom):
                 base = ".".join(here[:len(here) - node.level + 1] if node.level else [])
                 head = ".".join(x for x in (base, node.module or "") if x)
-                targets = [head] + [f"{head}.{a.name}" for a in node.names]
+                subs = [f"{head}.{a.name}" for a in node.names]
+                # `from pkg import mod` needs only mod; a name defined in pkg needs pkg itself
+                targets = subs + ([head] if any(t not in files for t in subs) else [])
                 if node.level and head not in files:  # reported, not followed to an enclosing package
                     if unresolved is not None:
                         unresolved.append(f"{mod}: from {'.' * node.level}{node.module or ''} (line {node.lineno})")
@@ -80,12 +82,13 @@ def test_the_walker_finds_a_cycle_through_a_function_level_import(tmp_path):
     pkg = tmp_path / "toy"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "a.py").write_text("from .sub import b\nfrom . import c\n")
+    (pkg / "c.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text("from .b import f\n")
     (pkg / "sub" / "b.py").write_text("def f():\n    from ..a import g\n")
     graph = import_graph(pkg, "toy")
-    assert graph["toy.a"] == {"toy.sub.b", "toy.sub"} and graph["toy.sub.b"] == {"toy.a"}
-    assert find_cycle(graph) == ["toy.a", "toy.sub", "toy.sub.b", "toy.a"]
+    assert graph["toy.a"] == {"toy.sub.b", "toy.c"} and graph["toy.sub.b"] == {"toy.a"}
+    assert find_cycle(graph) == ["toy.a", "toy.sub.b", "toy.a"]
     (pkg / "sub" / "b.py").write_text("def f():\n    from .a import g\n")  # toy.sub.a: no such module
     unresolved: list[str] = []
     assert find_cycle(import_graph(pkg, "toy", unresolved)) is None

@@ -41,15 +41,15 @@ def test_recovers_known_quantiles(truth_store, trained):
                          "running_depth": [10, 20, 30, 40], "kv_usage_gpu_ratio": [0.1, 0.5, 0.9, 0.3],
                          "kv_blocks_offloaded": [0] * 4, "kv_blocks_restored": [0] * 4})
     for k, cfg in enumerate(cfgs):
-        pred = model.predict("beta", rows, cfg)
-        for j, tau in enumerate(pred.quantiles):
+        pred = model.predict(cfg, rows, "beta")
+        for j, tau in enumerate(model.quantiles):
             truth = truth_beta(k, P, D) - STEP_NOISE * np.log(1 - tau)
-            np.testing.assert_allclose(pred.values[:, j], truth, rtol=0.02)
+            np.testing.assert_allclose(pred[:, j], truth, rtol=0.02)
     req = pl.DataFrame({"prompt_tokens": [100, 2000, 3900], "waiting_depth": [0, 5, 10],
                         "running_depth": [10, 50, 100], "kv_usage_gpu_ratio": [0.2, 0.5, 0.8]})
-    pred = model.predict("alpha", req, cfgs[0])
+    pred = model.predict(cfgs[0].to_dict(), req, "alpha")  # a configuration document works as well
     truth = truth_alpha(np.array([100, 2000, 3900]))[:, None] - REQ_NOISE * np.log(1 - np.array([0.1, 0.5, 0.9]))
-    np.testing.assert_allclose(pred.values, truth, rtol=0.05)
+    np.testing.assert_allclose(pred, truth, rtol=0.05)
 
 
 def test_held_out_coverage_near_nominal(trained):
@@ -87,9 +87,8 @@ def test_artifact_round_trip_predicts_identically(truth_store, trained, tmp_path
                                        num_prefill_reqs=(pl.col("prefill_tokens") > 0).cast(pl.Int64),
                                        num_decode_reqs=pl.col("decode_tokens"))
     for cfg in cfgs:
-        a, b = live.predict("beta", rows, cfg), loaded.predict("beta", rows, cfg)
-        np.testing.assert_array_equal(a.values, b.values)
-        np.testing.assert_array_equal(a.weights, b.weights)
+        np.testing.assert_array_equal(live.predict(cfg, rows), loaded.predict(cfg, rows))
+        np.testing.assert_array_equal(live.weights(cfg), loaded.weights(cfg))
     assert json.loads(path.read_bytes())["schema_version"] == artifact.SCHEMA_VERSION
 
 
