@@ -39,6 +39,7 @@ from .ensemble import RECEModel, _qkey
 from .errors import ReceError, StoreError
 from .features import (FEATURES, REQUEST_READ, STEP_READ, TARGET_DEFINITION, TARGET_UNITS, alpha_target,
                        attach_load, beta_target, column_scale, feature_matrix, holdout_mask)
+from .fitcache import FitBatch, FitCache, fit_key
 from .metrics import quantile_metrics
 from .progress import gather, log
 from .quantile import fit_quantile, fit_quantile_sharded, resolve_crossings
@@ -247,9 +248,8 @@ def uncross(fits: list, l1: float, solver: str, *parts: tuple[np.ndarray, np.nda
     return resolve_crossings(X, y, fits, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver)
 
 
-@ray.remote
-def evaluate_shard(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, all_rows: bool,
-                   top_k: int | None, temperature: float | None) -> dict[str, Any]:
+def score_shard(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, all_rows: bool,
+                top_k: int | None, temperature: float | None) -> dict[str, Any]:
     """Predictions for one shard's held-out (or all) rows with the artifact's own model."""
     model = RECEModel(doc)
     w = model.weights(cfg, top_k, temperature)
@@ -259,6 +259,9 @@ def evaluate_shard(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, all
         pred = model.predict_matrix(t, shard.X[t][mask], w, model.unseen(cfg))
         out[t] = (shard.y[t][mask], pred.values, pred.rows_sorted)
     return out
+
+
+evaluate_shard = ray.remote(score_shard)
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -326,7 +329,8 @@ def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | Non
 
 
 def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | None = None,
-                 labels: dict[str, int] | None = None, timings: dict[str, Any] | None = None) -> dict[str, Any]:
+                 labels: dict[str, int] | None = None, timings: dict[str, Any] | None = None,
+                 cache: FitCache | None = None) -> dict[str, Any]:
     """Embed, cluster and fit on the given shards (default: all); returns the artifact document.
 
     ``timings``, if given, receives wall times of the fit phases and every LP's own seconds
@@ -334,6 +338,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
 
     ``labels`` fixes the specialists instead of clustering (baselines: one global group, one
     group per configuration); only a clustered fit gets ``settings.calibrate_folds``' widening.
+    ``cache`` shares specialist fits between calls (``fitcache.py``).
     """
     shards = list(range(len(fs.stats))) if shards is None else shards
     ids = sorted({fs.stats[i].config_id for i in shards})
@@ -364,6 +369,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     fit_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     sharded: list[tuple[str, int]] = []
+    batch = FitBatch(cache)
     for t in TARGETS:
         for j, cids in members.items():
             share = config_shares(ids, cids, settings.borrow)
@@ -372,33 +378,37 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
             cols = independent_columns(sum(st[i].gram[t] for i in idx), scale)
             n_cfg = {c: sum(st[i].train_rows[t] for i in by_config[c]) for c in share}
             total = sum(n_cfg[c] for c in cids)
-            refs = [prepare.remote(fs.shard_refs[i], t, scale, cols,
-                                   total * share[st[i].config_id] / (len(cids) * n_cfg[st[i].config_id]),
-                                   share[st[i].config_id], settings.seed)
-                    for i in idx if st[i].train_rows[t]]
-            scales[(t, j)], columns[(t, j)], rows[(t, j)], part_refs[(t, j)] = scale, cols, total, refs
+            parts = [(i, total * share[st[i].config_id] / (len(cids) * n_cfg[st[i].config_id]), share[st[i].config_id])
+                     for i in idx if st[i].train_rows[t]]
+            scales[(t, j)], columns[(t, j)], rows[(t, j)] = scale, cols, total
+            if not batch.claim((t, j), fit_key(t, parts, scale, cols, settings.to_dict())):
+                continue
+            refs = [prepare.remote(fs.shard_refs[i], t, scale, cols, w, keep, settings.seed) for i, w, keep in parts]
+            part_refs[(t, j)] = refs
             if sum(st[i].train_rows[t] * share[st[i].config_id] for i in idx) > settings.max_fit_rows:
                 sharded.append((t, j))
             else:
                 fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
                                     for q in settings.quantiles]
-    flat = [r for refs in fit_refs.values() for r in refs]
-    t0 = time.monotonic()
-    fits = _fit_over_shards(sharded, part_refs, columns, settings)  # while the stacked fits run
-    fitted = iter(gather(flat, f"fits ({len(flat)} LPs)"))
-    fits.update({key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()})
-    t1 = time.monotonic()
-    if timings is not None:  # the independent fits' own times, before non-crossing replaces them
-        timings.update(lp_seconds=[f.seconds for fl in fits.values() for f in fl],
-                       lp_rows=[f.n_rows for fl in fits.values() for f in fl])
     crossing: dict[tuple[str, int], Any] = {}
-    if settings.noncrossing and len(settings.quantiles) > 1:
-        keys = [k for k in fits if k not in sharded]
-        refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
-        for k, (new_fits, report) in zip(keys, gather(refs, "non-crossing")):
-            fits[k], crossing[k] = new_fits, report
-    if timings is not None:
-        timings.update(fit_wall_s=t1 - t0, noncrossing_wall_s=time.monotonic() - t1)
+    with batch:
+        flat = [r for refs in fit_refs.values() for r in refs]
+        t0 = time.monotonic()
+        fits = _fit_over_shards(sharded, part_refs, columns, settings)  # while the stacked fits run
+        fitted = iter(gather(flat, f"fits ({len(flat)} LPs)") if flat else [])
+        fits.update({key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()})
+        t1 = time.monotonic()
+        if timings is not None:  # the independent fits' own times, before non-crossing replaces them
+            timings.update(lp_seconds=[f.seconds for fl in fits.values() for f in fl],
+                           lp_rows=[f.n_rows for fl in fits.values() for f in fl])
+        if settings.noncrossing and len(settings.quantiles) > 1:
+            keys = [k for k in fits if k not in sharded]
+            refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
+            for k, (new_fits, report) in zip(keys, gather(refs, "non-crossing") if refs else []):
+                fits[k], crossing[k] = new_fits, report
+        if timings is not None:
+            timings.update(fit_wall_s=t1 - t0, noncrossing_wall_s=time.monotonic() - t1)
+    batch.complete(fits, crossing)
     dates = sorted({st[i].date for i in shards})
     doc = _assemble(fs.configs, ids, emb, clus, members, fits, scales, columns, rows, crossing, settings, dates)
     if settings.calibrate_folds and labels is None:

@@ -355,3 +355,13 @@ def test_one_law_transfers_to_an_unseen_configuration_within_noise(evaluation):
     for target in ("alpha", "beta"):
         own = _metric(evaluation, "per_config", "seen", target, "mape_p50")
         assert _metric(evaluation, "global", "unseen", target, "mape_p50") <= 1.25 * own, target
+
+
+def test_cells_aggregated_in_ray_equal_the_same_cells_aggregated_in_memory(evaluation):
+    cells = evaluation.runs["loco"].cells
+    assert cells and all(c.rows == len(c.fetch().y) for c in cells[:5])
+    by = ("protocol", "method", "split", "target", "config_id")
+    in_ray, in_memory = aggregate(cells, QS, by), aggregate([c.fetch() for c in cells], QS, by)
+    assert in_ray.height > 10
+    assert in_ray.equals(in_memory)
+    assert in_ray.equals(evaluation.by_config)

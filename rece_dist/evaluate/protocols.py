@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import DeploymentConfig
 from ..pipeline import FeatureSet
-from ..refit import Cell, EvaluationError, FitRequest, Fitter, PredictJob, predict_cells
+from ..refit import CellRef, EvaluationError, FitRequest, Fitter, PredictJob, predict_cells
 from .baselines import Method
 
 PROTOCOLS = ("loco", "logo", "lomo", "temporal")
@@ -139,7 +139,7 @@ class ProtocolRun:
     protocol: str
     folds: list[Fold]
     docs: list[dict[str, dict[str, Any]]]  # per fold: fit kind -> artifact document
-    cells: list[Cell]
+    cells: list[CellRef]
 
 
 def run_protocol(fitter: Fitter, folds: Sequence[Fold], meths: Sequence[Method], temperature: float) -> ProtocolRun:

@@ -17,7 +17,7 @@ import polars as pl
 from ..config import DeploymentConfig
 from ..pipeline import TARGETS, FeatureSet, TrainSettings
 from ..progress import log
-from ..refit import Cell, EvaluationError, FitRequest, Fitter, aggregate, own_mixing_job, predict_cells
+from ..refit import CellRef, EvaluationError, FitRequest, Fitter, aggregate, own_mixing_job, predict_cells, sample_cells
 from .baselines import Method, _folds, baseline_rows, methods, table_footnotes, text_table
 from .embedding_check import EmbeddingCheck, embedding_check
 from .targets import rece_method, targets_text, transfer_targets
@@ -81,19 +81,15 @@ def config_attrs(configs: Mapping[str, DeploymentConfig]) -> dict[str, dict[str,
     return {c: {"gpu": cfg.gpu.name, "model": cfg.model.name} for c, cfg in configs.items()}
 
 
-def _samples(cells: Sequence[Cell], protocol: str, rows: int, seed: int) -> list[Sample]:
+def _samples(cells: Sequence[CellRef], protocol: str, rows: int, seed: int) -> list[Sample]:
     """Up to ``rows`` unseen rows per (configuration, target), the same rows for every method."""
-    by: dict[tuple[str, str], dict[str, Cell]] = {}
+    by: dict[tuple[str, str], dict[str, CellRef]] = {}
     for c in cells:
         if c.protocol == protocol and c.split == "unseen":
             by.setdefault((c.config_id, c.target), {})[c.method] = c
-    out = []
-    for (cid, t), per_method in sorted(by.items()):
-        first = next(iter(per_method.values()))
-        n = len(first.y)
-        idx = np.sort(np.random.default_rng(seed).choice(n, size=min(rows, n), replace=False))
-        out.append(Sample(protocol, cid, t, first.y[idx], {m: c.values[idx] for m, c in per_method.items()}))
-    return out
+    keys = sorted(by)
+    drawn = sample_cells([list(by[k].values()) for k in keys], rows, seed)
+    return [Sample(protocol, cid, t, y, values) for (cid, t), (y, values) in zip(keys, drawn)]
 
 
 def artifact_splits(fs: FeatureSet, doc: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
