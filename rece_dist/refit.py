@@ -108,12 +108,9 @@ class Fitter:
 
 # --- predictions and scored cells ------------------------------------------------------------
 
-CELL_FIELDS = ("protocol", "fold", "method", "split", "config_id", "target")
-
-
 @dataclass(frozen=True)
-class Cell:
-    """One method's predictions for one configuration's rows of one target, fold and split."""
+class CellTag:
+    """Which predictions a cell holds: one method's, for one configuration's rows of one target, fold and split."""
 
     protocol: str
     fold: str
@@ -121,22 +118,25 @@ class Cell:
     split: str
     config_id: str
     target: str
+
+
+CELL_FIELDS = tuple(CellTag.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Cell(CellTag):
+    """A cell's rows in memory."""
+
     y: np.ndarray
     values: np.ndarray  # (rows, quantiles)
 
 
 @dataclass(frozen=True)
-class CellRef:
+class CellRef(CellTag):
     """A Cell whose rows stay in Ray's object store: ``out`` is the shard's ``score_shard`` result
     (both targets). ``aggregate`` and ``sample_cells`` read them inside tasks, so the driver
     holds only metric rows and samples, whatever the number of rows scored."""
 
-    protocol: str
-    fold: str
-    method: str
-    split: str
-    config_id: str
-    target: str
     out: ray.ObjectRef
     rows: int
 

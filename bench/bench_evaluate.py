@@ -1,0 +1,87 @@
+"""Where `rece evaluate`'s time goes: one LOCO fold's fits by kind, then the whole evaluation.
+
+    python bench/bench_evaluate.py [--configs 12] [--steps 20000] [--store DIR] [--fold-only]
+
+Generates the store once (kept in bench/out/, `rece synth --seed 1` layout), trains the
+default artifact, then
+1. fits one LOCO fold's three kinds (global, per-configuration, RECE) cold and prints, per kind,
+   the wall time of the independent LPs and of the non-crossing re-solve, the slowest LP and
+   the Ray task seconds by function (ray.timeline): what one fold costs before any reuse;
+2. runs the whole evaluation (`review.review_artifact`, default options) and prints its wall
+   time with the number of specialist fits solved and reused (``fitcache``), per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import time
+
+import ray
+
+from rece_dist.artifact import canonical_bytes
+from rece_dist.evaluate import protocol_folds
+from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble, train
+from rece_dist.refit import fit_labels
+from rece_dist.review import review_artifact
+from rece_dist.store import Store
+from rece_dist.synth import generate_store
+
+
+def task_seconds() -> dict[str, float]:
+    out: dict[str, float] = collections.defaultdict(float)
+    for e in ray.timeline():
+        if e.get("ph") == "X" and e["name"].startswith("rece_dist."):
+            out[e["name"].removeprefix("rece_dist.")] += e["dur"] / 1e6
+    return out
+
+
+def one_fold(store: str, settings: TrainSettings) -> None:
+    fs = featurize_store(store, settings)
+    fold = protocol_folds(fs, "loco")[0]
+    ids = {fs.stats[i].config_id for i in fold.train}
+    print(f"one LOCO fold ({len(ids)} training configurations), cold fits:")
+    print("| kind | wall s | LPs wall s | non-crossing wall s | LPs | slowest LP s | its rows |\n|---|---|---|---|---|---|---|")
+    for kind in ("global", "per_config", "rece"):
+        tm: dict = {}
+        s = settings if kind == "rece" else dataclasses.replace(settings, borrow=0.0)  # as the Fitter does
+        t = time.monotonic()
+        fit_ensemble(fs, s, list(fold.train), fit_labels(kind, ids), timings=tm)
+        lp = tm["lp_seconds"]
+        k = max(range(len(lp)), key=lp.__getitem__)
+        print(f"| {kind} | {time.monotonic() - t:.1f} | {tm['fit_wall_s']:.1f} | {tm['noncrossing_wall_s']:.1f} "
+              f"| {len(lp)} | {lp[k]:.1f} | {tm['lp_rows'][k]:,} |")
+    print("Ray task seconds by function: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                     sorted(task_seconds().items(), key=lambda kv: -kv[1])))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=20000)
+    ap.add_argument("--store", default=None)
+    ap.add_argument("--fold-only", action="store_true", help="only the one-fold breakdown")
+    args = ap.parse_args()
+    cpus = os.cpu_count() or 1
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    store = args.store or f"bench/out/store-{args.configs}x{args.steps}-seed1"
+    if not Store(store).exists():
+        generate_store(store, args.configs, args.steps, seed=1)
+    settings = TrainSettings()
+    print(f"machine: {cpus} CPUs; store: {store}")
+    one_fold(store, settings)
+    if args.fold_only:
+        return
+    art = f"{store}-artifact.json"
+    with open(art, "wb") as f:
+        f.write(canonical_bytes(train(store, settings).artifact))
+    t = time.monotonic()
+    rv = review_artifact(art, store)
+    print(f"whole evaluation (default options): {time.monotonic() - t:.1f} s, "
+          f"{len(rv.evaluation.runs)} protocols; see the [evaluate] lines above for the phases")
+
+
+if __name__ == "__main__":
+    main()
