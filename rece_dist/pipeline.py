@@ -369,29 +369,29 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     fit_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     sharded: list[tuple[str, int]] = []
-    batch = FitBatch(cache)
-    for t in TARGETS:
-        for j, cids in members.items():
-            share = config_shares(ids, cids, settings.borrow)
-            idx = [i for c in share for i in by_config[c]]
-            scale = column_scale(np.vstack([st[i].col_max[t] for i in idx]))
-            cols = independent_columns(sum(st[i].gram[t] for i in idx), scale)
-            n_cfg = {c: sum(st[i].train_rows[t] for i in by_config[c]) for c in share}
-            total = sum(n_cfg[c] for c in cids)
-            parts = [(i, total * share[st[i].config_id] / (len(cids) * n_cfg[st[i].config_id]), share[st[i].config_id])
-                     for i in idx if st[i].train_rows[t]]
-            scales[(t, j)], columns[(t, j)], rows[(t, j)] = scale, cols, total
-            if not batch.claim((t, j), fit_key(t, parts, scale, cols, settings.to_dict())):
-                continue
-            refs = [prepare.remote(fs.shard_refs[i], t, scale, cols, w, keep, settings.seed) for i, w, keep in parts]
-            part_refs[(t, j)] = refs
-            if sum(st[i].train_rows[t] * share[st[i].config_id] for i in idx) > settings.max_fit_rows:
-                sharded.append((t, j))
-            else:
-                fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
-                                    for q in settings.quantiles]
     crossing: dict[tuple[str, int], Any] = {}
-    with batch:
+    with FitBatch(cache) as batch:  # on an error, whoever waits for this call's specialists gets it
+        for t in TARGETS:
+            for j, cids in members.items():
+                share = config_shares(ids, cids, settings.borrow)
+                idx = [i for c in share for i in by_config[c]]
+                scale = column_scale(np.vstack([st[i].col_max[t] for i in idx]))
+                cols = independent_columns(sum(st[i].gram[t] for i in idx), scale)
+                n_cfg = {c: sum(st[i].train_rows[t] for i in by_config[c]) for c in share}
+                total = sum(n_cfg[c] for c in cids)
+                parts = [(i, total * share[st[i].config_id] / (len(cids) * n_cfg[st[i].config_id]),
+                          share[st[i].config_id]) for i in idx if st[i].train_rows[t]]
+                scales[(t, j)], columns[(t, j)], rows[(t, j)] = scale, cols, total
+                if not batch.claim((t, j), fit_key(t, parts, scale, cols, settings.to_dict())):
+                    continue
+                refs = [prepare.remote(fs.shard_refs[i], t, scale, cols, w, keep, settings.seed)
+                        for i, w, keep in parts]
+                part_refs[(t, j)] = refs
+                if sum(st[i].train_rows[t] * share[st[i].config_id] for i in idx) > settings.max_fit_rows:
+                    sharded.append((t, j))
+                else:
+                    fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
+                                        for q in settings.quantiles]
         flat = [r for refs in fit_refs.values() for r in refs]
         t0 = time.monotonic()
         fits = _fit_over_shards(sharded, part_refs, columns, settings)  # while the stacked fits run
