@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import subprocess
 from importlib import metadata
 from typing import Any, Mapping
 
@@ -62,6 +64,19 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def git_commit() -> str:
+    """The code's commit: ``RECE_GIT_COMMIT`` (set by CI or the job image) or ``git rev-parse``."""
+    env = os.environ.get("RECE_GIT_COMMIT")
+    if env:
+        return env
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def parse(data: bytes, where: str) -> dict[str, Any]:

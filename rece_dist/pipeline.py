@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -560,7 +558,7 @@ def _assemble(configs, ids, emb, clus, members, fits, scales, columns, rows, cro
             "settings": settings.to_dict(),
             "settings_sha256": hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True).encode()).hexdigest(),
             "versions": artifact_mod.library_versions(),
-            "git_commit": git_commit(),
+            "git_commit": artifact_mod.git_commit(),
         },
     }
 
@@ -587,16 +585,3 @@ def _held_out_metrics(doc: dict[str, Any], fs: FeatureSet, settings: TrainSettin
             m["rows_rearranged"] = float(sum(results[i][t][2] for i in idx))
             out["held_out"][t][name] = m
     return out
-
-
-def git_commit() -> str:
-    """The code's commit: ``RECE_GIT_COMMIT`` (set by CI or the job image) or ``git rev-parse``."""
-    env = os.environ.get("RECE_GIT_COMMIT")
-    if env:
-        return env
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
