@@ -25,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_quantile.py --sizes 1e5,1e6
 	$(BIN)/python bench/bench_synth.py
+	$(BIN)/python bench/bench_ingest.py
 
 clean:
 	rm -rf $(VENV) demo-store demo-artifacts .pytest_cache

@@ -30,7 +30,19 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         raise ReceError("synth needs --out STORE (or --check-reference RUNS_DIR)")
     from .synth import generate_store
 
-    print(generate_store(args.out, args.configs, args.steps_per_config, args.seed, args.days, args.start_date).summary())
+    print(generate_store(args.out, args.configs, args.steps_per_config, args.seed, args.days, args.start_date,
+                         fmt=args.format).summary())
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from .ingest.run import IngestOptions, ingest, parse_time_origin
+
+    opts = IngestOptions(fmt=args.format, encoding=args.encoding, strict=args.strict, chunk_bytes=args.chunk_mib << 20,
+                         step_sample_rate=args.step_sample_rate,
+                         time_origin_ns=parse_time_origin(args.time_origin) if args.time_origin else None)
+    for summary in ingest(args.files, args.store, args.config, opts):
+        print(summary.text())
     return 0
 
 
@@ -272,7 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--start-date", type=_iso_date, default="2026-11-01", help="first day, YYYY-MM-DD (default 2026-11-01)")
     sy.add_argument("--check-reference", metavar="RUNS_DIR",
                     help="instead of writing a store, replay the reference runs in RUNS_DIR and compare TTFT/TPOT medians")
+    sy.add_argument("--format", choices=["store", "otlp"], default="store",
+                    help="store: Parquet partitions; otlp: the OTLP/JSON traces instrumented vLLM would export, "
+                         "one otlp/<config_id>.jsonl per configuration, for `rece ingest` (default store)")
     sy.set_defaults(fn=_cmd_synth)
+
+    ig = sub.add_parser("ingest", help="import real traces (OTLP from vLLM, BLIS TraceV2, inference-perf) into a store")
+    ig.add_argument("files", nargs="+", metavar="FILE_OR_URI", help="local paths or s3:// URIs; globs allowed")
+    ig.add_argument("--format", choices=["otlp", "tracev2", "inference-perf"], required=True)
+    ig.add_argument("--config", action="append", required=True, metavar="[SERVICE=]CFG",
+                    help="configuration document or experiment folder (exp-config.yaml + config.json); "
+                         "SERVICE=CFG routes one service.name of a multi-deployment OTLP file (repeatable)")
+    ig.add_argument("--store", required=True, help="store to write into: folder or s3://bucket/prefix (created if absent)")
+    ig.add_argument("--encoding", choices=["json", "proto"], default="json",
+                    help="OTLP file encoding: JSON lines or length-prefixed protobuf (gzip/zstd detected either way)")
+    ig.add_argument("--strict", action="store_true", help="fail on the first bad row instead of quarantining it")
+    ig.add_argument("--step-sample-rate", type=float, default=None,
+                    help="vLLM's --step-tracing-sample-rate, recorded per partition (default: estimated from step.id gaps)")
+    ig.add_argument("--time-origin", default=None,
+                    help="UTC time (ISO-8601) of the first request, for client clocks without an epoch "
+                         "(inference-perf; TraceV2 without created_at)")
+    ig.add_argument("--chunk-mib", type=_positive_int, default=64, help="chunk size in MiB; memory per task is bounded by it")
+    ig.set_defaults(fn=_cmd_ingest)
 
     t = sub.add_parser("train", help="train a RECE artifact from a store and publish it")
     t.add_argument("--store", required=True, help="trace store: folder or s3://bucket/prefix")

@@ -23,3 +23,7 @@ class SolverError(ReceError):
 
 class ArtifactError(ReceError):
     """An artifact or manifest is malformed, incomplete or fails its digest."""
+
+
+class IngestError(ReceError):
+    """A trace file cannot be imported (names the file, the line or span, and the attribute)."""

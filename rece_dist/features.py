@@ -195,8 +195,11 @@ def feature_matrix(df: pl.DataFrame, cfg: DeploymentConfig, target: str) -> np.n
 def attach_load(requests: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
     """Add the engine load each request met at arrival (as-of join on step start times).
 
-    A request that arrives before the first recorded step met an idle engine: zeros.
+    A request that arrives before the first recorded step met an idle engine: zeros. A request
+    without an engine queue time (imported from a client-side trace) has no alpha target: left out.
     """
+    if "queued_ns" in requests.columns:
+        requests = requests.filter(pl.col("queued_ns").is_not_null())
     load = steps.select(STEP_LOAD_READ).sort("ts_start_ns")
     joined = requests.sort("arrival_ns").join_asof(load, left_on="arrival_ns", right_on="ts_start_ns",
                                                    strategy="backward")

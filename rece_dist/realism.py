@@ -37,6 +37,7 @@ there sustain more load, so fewer requests time out and TTFT (queueing) comes ou
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .config import Catalog, DeploymentConfig, ServingSettings
+from .config import Catalog, DeploymentConfig, ServingSettings, load_hf_config
 from .engine import Engine
 from .errors import ConfigError
 from .workload import RequestSource, SharedPrefixLengths, Stage, Workload
@@ -183,14 +184,21 @@ def _field(doc: dict[str, Any], path: str | tuple[str, ...], where: Path, kind: 
         raise ConfigError(f"{where}: field {name} is not a {kind.__name__} ({cur!r})") from None
 
 
-def _load_run(d: Path, catalog: Catalog) -> ReferenceRun:
-    exp_path, prof_path, summary_path = d / "exp-config.yaml", d / "profile.yaml", d / "summary_lifecycle_metrics.json"
-    exp, prof, summary = _read_doc(exp_path), _read_doc(prof_path), _read_doc(summary_path)
+def experiment_config(d: Path, catalog: Catalog) -> DeploymentConfig:
+    """The server side of an experiment folder: ``exp-config.yaml`` plus the model's HuggingFace
+    ``config.json`` when the folder has one (else the catalog model named by ``model``)."""
+    exp_path = d / "exp-config.yaml"
+    exp = _read_doc(exp_path)
     model_id = _field(exp, "model", exp_path)
-    names = {n.lower(): n for n in catalog.models}
-    base = str(model_id).rsplit("/", 1)[-1].lower()
-    if base not in names:
-        raise ConfigError(f"{exp_path}: model {model_id!r} is not in the catalog")
+    base = str(model_id).rsplit("/", 1)[-1]
+    if (d / "config.json").is_file():
+        model = load_hf_config(d / "config.json")
+        model = dataclasses.replace(model, name=base)
+    else:
+        names = {n.lower(): n for n in catalog.models}
+        if base.lower() not in names:
+            raise ConfigError(f"{exp_path}: model {model_id!r} is not in the catalog; put its config.json beside it")
+        model = catalog.model(names[base.lower()])
     serving = ServingSettings(
         tp=_field(exp, "tensor_parallelism", exp_path, int),
         max_num_batched_tokens=_field(exp, "max_num_batched_tokens", exp_path, int),
@@ -200,8 +208,15 @@ def _load_run(d: Path, catalog: Catalog) -> ReferenceRun:
         prefix_caching=True,
         vllm_version=REFERENCE_VLLM,
     )
-    cfg = DeploymentConfig(catalog.model(names[base]), catalog.gpu(REFERENCE_GPU), serving)
+    cfg = DeploymentConfig(model, catalog.gpu(REFERENCE_GPU), serving)
     cfg.check(str(exp_path))
+    return cfg
+
+
+def _load_run(d: Path, catalog: Catalog) -> ReferenceRun:
+    prof_path, summary_path = d / "profile.yaml", d / "summary_lifecycle_metrics.json"
+    prof, summary = _read_doc(prof_path), _read_doc(summary_path)
+    cfg = experiment_config(d, catalog)
 
     output_len = _field(prof, "data.shared_prefix.output_len", prof_path, int)
     if output_len < 2:

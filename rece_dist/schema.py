@@ -48,7 +48,8 @@ STEP_COLUMNS: tuple[Column, ...] = (
 REQUEST_COLUMNS: tuple[Column, ...] = (
     Column("request_id", pl.String(), "request id", "gen_ai.request.id", min_value=None),
     Column("arrival_ns", pl.Int64(), "API server received the request, epoch ns", "api.ARRIVED"),
-    Column("queued_ns", pl.Int64(), "entered the scheduler's waiting queue", "journey.QUEUED"),
+    Column("queued_ns", pl.Int64(), "entered the scheduler's waiting queue (null: client-side import)", "journey.QUEUED",
+           nullable=True),
     Column("scheduled_ns", pl.Int64(), "first scheduled", "journey.SCHEDULED", nullable=True),
     Column("first_token_ns", pl.Int64(), "first output token", "journey.FIRST_TOKEN", nullable=True),
     Column("finished_ns", pl.Int64(), "finished in the engine", "journey.FINISHED", nullable=True),

@@ -201,12 +201,13 @@ class Store:
         doc = {"config_id": cfg.config_id, "label": cfg.label, **cfg.to_dict()}
         self.write_bytes(f"configs/{cfg.config_id}.json", json.dumps(doc, indent=1, sort_keys=True).encode())
 
-    def write_partition(self, table: str, config_id: str, day: str, df: pl.DataFrame) -> str:
-        """Write one partition file deterministically (same frame -> same bytes)."""
+    def write_partition(self, table: str, config_id: str, day: str, df: pl.DataFrame, part: str = "part-0") -> str:
+        """Write one partition file deterministically (same frame -> same bytes); ``part`` names the
+        file inside the partition (importers name theirs by a hash of the source)."""
         df = conform(df, table)
         buf = io.BytesIO()
         df.write_parquet(buf, compression="zstd", compression_level=3, statistics=True, row_group_size=256_000)
-        rel = f"{table}/config_id={config_id}/date={day}/part-0.parquet"
+        rel = f"{table}/config_id={config_id}/date={day}/{part}.parquet"
         self.write_bytes(rel, buf.getvalue())
         return rel
 

@@ -344,18 +344,28 @@ def _requests_frame(res: SimResult, epoch_ns: int, t0_us: float, segment: int) -
     })
 
 
-def _synth_config(uri: str, cfg: DeploymentConfig, index: int, seed: int, steps: int, days: int, start_date: str) -> ConfigOutput:
-    """One Ray task: simulate a configuration and write its partitions."""
+def _synth_config(uri: str, cfg: DeploymentConfig, index: int, seed: int, steps: int, days: int, start_date: str,
+                  fmt: str = "store") -> ConfigOutput:
+    """One Ray task: simulate a configuration and write its partitions (or, for ``otlp``, the
+    OTLP/JSON file the instrumented vLLM would have exported for it)."""
     store = Store(uri)
     tables = simulate_config(cfg, index, seed, steps, days, start_date)
-    for table, by_date in tables.items():
+    if fmt == "otlp":
+        import io
+
+        from .ingest.otlp_writer import write_otlp
+
+        buf = io.StringIO()
+        write_otlp(buf, cfg.config_id, *(pl.concat(list(tables[t].values())) for t in ("steps", "requests")))
+        store.write_bytes(f"otlp/{cfg.config_id}.jsonl", buf.getvalue().encode())
+    for table, by_date in tables.items() if fmt == "store" else ():
         for day, df in sorted(by_date.items()):
             store.write_partition(table, cfg.config_id, day, df)
     return ConfigOutput(
         cfg.config_id,
         steps=sum(len(df) for df in tables["steps"].values()),
         requests=sum(len(df) for df in tables["requests"].values()),
-        partitions=sum(len(by_date) for by_date in tables.values()),
+        partitions=sum(len(by_date) for by_date in tables.values()) if fmt == "store" else 0,
     )
 
 
@@ -368,9 +378,13 @@ def generate_store(
     seed: int,
     days: int = 3,
     start_date: str = DEFAULT_START_DATE,
+    fmt: str = "store",
 ) -> SynthSummary:
     """Write a complete store: store.json, one document per configuration, and each
-    configuration's partitions from its own Ray task (Ray is started locally if needed)."""
+    configuration's partitions from its own Ray task (Ray is started locally if needed).
+
+    ``fmt="otlp"`` writes, instead of partitions and store.json, ``otlp/<config_id>.jsonl`` per
+    configuration (for ``rece ingest --format otlp --config configs/<config_id>.json``)."""
     import ray
 
     if n_configs < 1 or steps_per_config < 1 or days < 1:
@@ -378,10 +392,11 @@ def generate_store(
     _midnight_ns(start_date)
     configs = sample_configs(n_configs, seed)
     store = Store(uri)
-    store.init({
-        "generator": "rece synth", "seed": seed, "configs": n_configs, "steps_per_config": steps_per_config,
-        "days": days, "start_date": start_date,
-    })
+    if fmt == "store":
+        store.init({
+            "generator": "rece synth", "seed": seed, "configs": n_configs, "steps_per_config": steps_per_config,
+            "days": days, "start_date": start_date,
+        })
     for cfg in configs:
         store.write_config(cfg)
 
@@ -389,7 +404,7 @@ def generate_store(
         ray.init(include_dashboard=False)
     task = ray.remote(num_cpus=1)(_synth_config)
     t0 = time.monotonic()
-    pending = [task.remote(uri, cfg, i, seed, steps_per_config, days, start_date) for i, cfg in enumerate(configs)]
+    pending = [task.remote(uri, cfg, i, seed, steps_per_config, days, start_date, fmt) for i, cfg in enumerate(configs)]
     done: list[ConfigOutput] = []
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)

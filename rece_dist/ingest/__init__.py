@@ -1,0 +1,1 @@
+"""`rece ingest`: real trace formats into a store (see docs/collecting.md)."""
