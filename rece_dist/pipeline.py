@@ -15,7 +15,8 @@ Data flows one way and every heavy step is a Ray task over plain numpy data:
    specialist above ``max_fit_rows`` is never stacked in one task: its exact fit runs the
    row reduction as tasks over its shards (``quantile.fit_quantile_sharded``).
 5. The artifact is assembled, and ``evaluate_shard`` tasks score the held-out rows with
-   exactly the model the artifact describes.
+   exactly the model the artifact describes; metrics are pooled in tasks too, so the
+   driver never holds rows or predictions.
 """
 
 from __future__ import annotations
@@ -398,7 +399,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
         t1 = time.monotonic()
         if timings is not None:  # the independent fits' own times, before non-crossing replaces them
             timings.update(lp_seconds=[f.seconds for fl in fits.values() for f in fl],
-                           lp_rows=[f.n_rows for fl in fits.values() for f in fl])
+                           lp_rows=[f.n_rows for fl in fits.values() for f in fl], design_refs=dict(part_refs))
         if settings.noncrossing and len(settings.quantiles) > 1:
             keys = [k for k in fits if k not in sharded]
             refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
@@ -501,13 +502,22 @@ def predict_shards(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows:
                                          top_k, temperature) for i in shards], "evaluation")
 
 
-def train(store_uri: str, settings: TrainSettings, s3: S3Options | None = None) -> TrainResult:
-    """Train a RECE artifact from a store. Raises ``ReceError`` with a clear message on bad input."""
+def train(store_uri: str, settings: TrainSettings, s3: S3Options | None = None,
+          timings: dict[str, Any] | None = None) -> TrainResult:
+    """Train a RECE artifact from a store. Raises ``ReceError`` with a clear message on bad input.
+
+    ``timings``, if given, receives each phase's wall seconds (``featurize_s``, ``fit_s``,
+    ``held_out_s``) and ``fit_ensemble``'s own (for ``bench/bench_scale.py``)."""
     t0 = time.monotonic()
     fs = featurize_store(store_uri, settings, s3)
-    doc = fit_ensemble(fs, settings)
+    t1 = time.monotonic()
+    doc = fit_ensemble(fs, settings, timings=timings)
+    t2 = time.monotonic()
     doc["metrics"] = _held_out_metrics(doc, fs, settings)
-    return TrainResult(doc, fs.partitions, time.monotonic() - t0, fs)
+    t3 = time.monotonic()
+    if timings is not None:
+        timings.update(featurize_s=t1 - t0, fit_s=t2 - t1, held_out_s=t3 - t2)
+    return TrainResult(doc, fs.partitions, t3 - t0, fs)
 
 
 def _natural(coef: np.ndarray, scale: np.ndarray, columns: np.ndarray) -> list[float]:
@@ -567,21 +577,32 @@ def _crossing_dict(report: Any) -> dict[str, Any] | None:
     return None if report is None else dataclasses.asdict(report)
 
 
+@ray.remote
+def _pooled_metrics(target: str, quantiles: tuple[float, ...], *outs: dict[str, Any]) -> dict[str, Any]:
+    """``quantile_metrics`` over one group's pooled held-out rows, in a task: the predictions go
+    from the scoring tasks to this one through the object store, never to the driver."""
+    y = np.concatenate([o[target][0] for o in outs])
+    m = quantile_metrics(y, np.vstack([o[target][1] for o in outs]), quantiles)
+    m["rows_rearranged"] = float(sum(o[target][2] for o in outs))
+    return m
+
+
 def _held_out_metrics(doc: dict[str, Any], fs: FeatureSet, settings: TrainSettings) -> dict[str, Any]:
-    """Held-out metrics per specialist and overall, from the artifact's own predictions."""
+    """Held-out metrics per specialist and overall, from the artifact's own predictions.
+
+    The driver holds only the metric dicts, whatever the row count; one task per (target,
+    group) pools that group's held-out predictions (a tenth of its rows by default)."""
     shards = list(range(len(fs.stats)))
-    results = predict_shards(doc, fs, shards)
+    doc_ref = ray.put(doc)
+    outs = [evaluate_shard.remote(doc_ref, fs.shard_refs[i], fs.configs[fs.stats[i].config_id], False, None, None)
+            for i in shards]
     spec_of = {c: v["specialist"] for c, v in doc["configurations"].items()}
     groups: dict[str, list[int]] = {"all": shards}
     for i in shards:
         groups.setdefault(f"specialist_{spec_of[fs.stats[i].config_id]}", []).append(i)
-    out: dict[str, Any] = {"held_out": {}}
-    for t in TARGETS:
-        out["held_out"][t] = {}
-        for name, idx in sorted(groups.items()):
-            y = np.concatenate([results[i][t][0] for i in idx])
-            vals = np.vstack([results[i][t][1] for i in idx])
-            m = quantile_metrics(y, vals, settings.quantiles)
-            m["rows_rearranged"] = float(sum(results[i][t][2] for i in idx))
-            out["held_out"][t][name] = m
+    keys = [(t, name) for t in TARGETS for name in sorted(groups)]
+    refs = [_pooled_metrics.remote(t, settings.quantiles, *[outs[i] for i in groups[name]]) for t, name in keys]
+    out: dict[str, Any] = {"held_out": {t: {} for t in TARGETS}}
+    for (t, name), m in zip(keys, gather(refs, "held-out metrics")):
+        out["held_out"][t][name] = m
     return out

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
+
 import ray
 
 from .artifact import canonical_json, summary_table
@@ -26,15 +29,18 @@ def connect_ray(address: str | None = None) -> None:
 
 
 def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings, ray_address: str | None = None,
-                      max_regression: float | None = 0.05) -> tuple[TrainResult, PublishedVersion]:
+                      max_regression: float | None = 0.05,
+                      timings: dict[str, Any] | None = None) -> tuple[TrainResult, PublishedVersion]:
     """Train from ``store_uri`` and publish one immutable version under ``out_root``.
 
     Unless ``max_regression`` is None, the new model is first scored against the published
     ``latest`` on the same held-out rows and refused (``RegressionError``, nothing written)
-    if its mean pinball loss is worse by more than that fraction.
+    if its mean pinball loss is worse by more than that fraction. ``timings`` receives the
+    phases' wall seconds (``train``'s, then ``publish_s`` for the gate, golden vectors and publish).
     """
     connect_ray(ray_address)
-    result = train(store_uri, settings)
+    result = train(store_uri, settings, timings=timings)
+    t0 = time.monotonic()
     doc = result.artifact
     if max_regression is not None:
         report = gate(doc, result.features, out_root, max_regression)
@@ -52,6 +58,8 @@ def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings, ra
     )
     golden = canonical_json(golden_vectors(doc, probe_configs()), "golden vectors")
     version = publish(out_root, doc, meta, companions={"golden.json": golden})
+    if timings is not None:
+        timings["publish_s"] = time.monotonic() - t0
     print(summary_table(doc))
     log(f"[train] published {version.version} -> {version.uri} ({result.seconds:.1f} s)")
     return result, version

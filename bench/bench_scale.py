@@ -1,0 +1,186 @@
+"""End-to-end training at scale on local Ray: per-phase wall time, rows/s, peak memory, and the
+ratio to the limit measured in the same run.
+
+    python bench/bench_scale.py --rows 1e8 --configs 100          # the issue's run (hours here)
+    python bench/bench_scale.py --rows 1e7 --configs 100 --store bench/out/scale-1e7
+
+The store is generated once (``rece synth``, one day per configuration) and reused. The run is
+``train_and_publish``, exactly what ``rece train`` does. The *limit* is what any trainer of the
+same model must at least do, measured on the same machine in the same run:
+
+- read: a Polars scan of the columns the features read, partition by partition, in Ray tasks;
+- fit: the reference Frisch-Newton + Portnoy-Koenker solver (``bench/reference_fn.py``, a port
+  of R quantreg's ``rq.fit.pfn``) on the same design matrices as our fits (row weights folded
+  into the rows: rho_tau(w r) = w rho_tau(r)), one task per (target, specialist, quantile).
+
+Memory: the driver's peak RSS (``getrusage``) is read before the limit phase runs; workers' peaks
+are each process's ``VmHWM`` (kernel high-water mark), sampled from ``/proc`` over the
+processes this driver started (other users' Ray workers on the machine are not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference_fn import rq_fit_fnb, rq_fit_pfn  # noqa: E402
+
+from rece_dist.features import REQUEST_READ, STEP_READ  # noqa: E402
+from rece_dist.pipeline import TrainSettings  # noqa: E402
+from rece_dist.runner import train_and_publish  # noqa: E402
+from rece_dist.store import Store  # noqa: E402
+from rece_dist.synth import generate_store  # noqa: E402
+
+
+class WorkerPeaks:
+    """Peak RSS (VmHWM) of every process descended from this one, sampled in a thread."""
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        self.peaks: dict[int, tuple[int, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    def _descendants(self) -> list[int]:
+        parent: dict[int, int] = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        mine, frontier = set(), {os.getpid()}
+        while frontier:
+            frontier = {p for p, pp in parent.items() if pp in frontier and p not in mine}
+            mine |= frontier
+        return sorted(mine)
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            for pid in self._descendants():
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                except OSError:
+                    continue
+                hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+                if hwm > self.peaks.get(pid, (0, ""))[0]:
+                    self.peaks[pid] = (hwm, cmd)
+
+    def largest_worker_mib(self) -> tuple[float, str]:
+        workers = [(kib, cmd) for kib, cmd in self.peaks.values() if cmd.startswith("ray::") or "default_worker" in cmd]
+        kib, cmd = max(workers, default=(0, "none"))
+        return kib / 1024, cmd
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@ray.remote(num_cpus=1)
+def scan_partition(files: tuple[str, ...], columns: list[str]) -> tuple[int, float]:
+    """Read one partition's columns as the featurizer does; returns (rows, seconds)."""
+    t = time.monotonic()
+    df = pl.scan_parquet(list(files)).select(columns).collect()
+    return len(df), time.monotonic() - t
+
+
+@ray.remote(num_cpus=1)
+def reference_fit(tau: float, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[int, float]:
+    """The reference solver on one fit's stacked design matrix; returns (rows, seconds)."""
+    X = np.concatenate([p[0] * p[2][:, None] for p in parts])
+    y = np.concatenate([p[1] * p[2] for p in parts])
+    t = time.monotonic()
+    try:
+        rq_fit_pfn(X, y, tau)
+    except np.linalg.LinAlgError:  # its subsample missed a rare column (a MoE or offload term): full FN
+        rq_fit_fnb(X, y, tau)
+    return len(y), time.monotonic() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=float, default=1e8, help="step rows in the store (default 10^8)")
+    ap.add_argument("--configs", type=int, default=100)
+    ap.add_argument("--specialists", type=int, default=4)
+    ap.add_argument("--store", default=None, help="store to reuse or create (default bench/out/scale-<rows>)")
+    ap.add_argument("--skip-limit", action="store_true", help="time our run only")
+    args = ap.parse_args()
+    rows = int(args.rows)
+    cpus = os.cpu_count() or 1
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    store_uri = args.store or f"bench/out/scale-{args.configs}x{rows // args.configs}"
+    sampler = WorkerPeaks()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    table = []
+    if not Store(store_uri).exists():
+        t = time.monotonic()
+        summary = generate_store(store_uri, args.configs, rows // args.configs, seed=3, days=1)
+        dt = time.monotonic() - t
+        table.append(("generate (rece synth)", dt, summary.steps / dt))
+    store = Store(store_uri)
+    parts = {t: store.partitions(t) for t in ("steps", "requests")}
+    n_rows = {t: pl.scan_parquet([f for p in ps for f in p.files]).select(pl.len()).collect().item()
+              for t, ps in parts.items()}  # from the files' footers
+    total = n_rows["steps"] + n_rows["requests"]
+
+    timings: dict = {}
+    with tempfile.TemporaryDirectory(prefix="rece-scale-") as out:
+        t = time.monotonic()
+        settings = TrainSettings(specialists=args.specialists)
+        train_and_publish(store_uri, out, settings, max_regression=None, timings=timings)
+        e2e = time.monotonic() - t
+    driver_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker_mib, worker_cmd = sampler.largest_worker_mib()
+    for key, label in (("featurize_s", "featurize"), ("fit_s", "fit (LPs + non-crossing)"),
+                       ("held_out_s", "held-out metrics"), ("publish_s", "golden vectors + publish")):
+        table.append((label, timings[key], total / timings[key]))
+    table.append(("end to end (train_and_publish)", e2e, total / e2e))
+
+    limit = None
+    if not args.skip_limit:
+        t = time.monotonic()
+        scans = [scan_partition.remote(p.files, STEP_READ if tab == "steps" else REQUEST_READ)
+                 for tab, ps in parts.items() for p in ps]
+        scanned = sum(r for r, _ in ray.get(scans))
+        read_s = time.monotonic() - t
+        t = time.monotonic()
+        refs = [reference_fit.remote(q, *design) for design in timings["design_refs"].values()
+                for q in settings.quantiles]
+        ref_rows = sum(r for r, _ in ray.get(refs))
+        fit_ref_s = time.monotonic() - t
+        limit = read_s + fit_ref_s
+        table.append((f"limit: Polars scan ({scanned:,} rows)", read_s, scanned / read_s))
+        table.append((f"limit: reference FN/PK fits ({len(refs)}, {ref_rows:,} rows)", fit_ref_s, ref_rows / fit_ref_s))
+    sampler.stop()
+    ray.shutdown()
+
+    print(f"machine: {cpus} CPUs, {mem_gib:.0f} GiB, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"store {store_uri}: {args.configs} configurations, {n_rows['steps']:,} step rows, "
+          f"{n_rows['requests']:,} request rows; {args.specialists} specialists, quantiles {settings.quantiles}")
+    print("| phase | wall s | rows/s |\n|---|---|---|")
+    for label, s, rate in table:
+        print(f"| {label} | {s:.1f} | {rate:,.0f} |")
+    print(f"LP fits: {len(timings['lp_seconds'])}, median {np.median(timings['lp_seconds']):.1f} s, "
+          f"largest {max(timings['lp_rows']):,} rows")
+    print(f"peak RSS: driver {driver_mib:,.0f} MiB (before the limit phase); largest worker {worker_mib:,.0f} MiB "
+          f"({worker_cmd[:40]})")
+    if limit is not None:
+        print(f"end to end / limit = {e2e:.1f} / {limit:.1f} s = {e2e / limit:.2f}x (target <= 2x)")
+
+
+if __name__ == "__main__":
+    main()
