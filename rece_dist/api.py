@@ -35,20 +35,22 @@ def _settings(settings: TrainSettings | None, overrides: dict[str, Any]) -> Trai
 
 
 def train(store: str, settings: TrainSettings | None = None, *, publish_to: str | None = None,
-          max_regression: float | None = 0.05, ray_address: str | None = None, **overrides: Any) -> RECEModel:
+          max_regression: float | None = 0.05, ray_address: str | None = None, feature_cache: bool = True,
+          **overrides: Any) -> RECEModel:
     """Train a RECE model on a trace store (a folder or ``s3://bucket/prefix``).
 
     ``overrides`` are ``TrainSettings`` fields (``specialists=4``, ``borrow=0.1``, ...).
     With ``publish_to`` (an artifact root) the model is published as a new immutable version,
     unless its held-out pinball loss is worse than the root's latest by more than
     ``max_regression`` (None: publish without comparing); the returned model then carries its
-    ``manifest`` and ``version``.
+    ``manifest`` and ``version``; ``feature_cache`` keeps per-shard features under that root so a
+    later run re-featurizes only partitions it has not seen.
     """
     s = _settings(settings, overrides)
     connect_ray(ray_address)
     if publish_to is None:
         return RECEModel(pipeline.train(store, s).artifact)
-    result, version = train_and_publish(store, publish_to, s, max_regression=max_regression)
+    result, version = train_and_publish(store, publish_to, s, max_regression=max_regression, feature_cache=feature_cache)
     return RECEModel(result.artifact, publish.resolve(publish_to, version.version)[1])
 
 

@@ -80,7 +80,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .api import train
 
     train(args.store, _settings(args), publish_to=args.out, ray_address=args.ray_address,
-          max_regression=None if args.force else args.max_regression)
+          max_regression=None if args.force else args.max_regression, feature_cache=args.feature_cache)
     return 0
 
 
@@ -314,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-regression", type=float, default=0.05,
                    help="refuse to publish if mean held-out pinball loss is worse than latest's by more (default 0.05)")
     t.add_argument("--force", action="store_true", help="publish without comparing against latest")
+    t.add_argument("--feature-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse per-partition features cached under OUT/features/ and cache new ones, so a nightly "
+                        "run over a rolling window reads only the new days' traces (default: on)")
     t.set_defaults(fn=_cmd_train)
 
     d = sub.add_parser("demo", help="generate a small store if absent, train on local Ray, print a summary")

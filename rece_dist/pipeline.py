@@ -38,6 +38,7 @@ from .ensemble import RECEModel, _qkey
 from .errors import ReceError, StoreError
 from .features import (FEATURES, REQUEST_READ, STEP_READ, TARGET_DEFINITION, TARGET_UNITS, alpha_target,
                        attach_load, beta_target, column_scale, feature_matrix, holdout_mask)
+from .featurecache import CacheEntry, FeatureCache, through_cache
 from .fitcache import FitBatch, FitCache, fit_key
 from .metrics import quantile_metrics
 from .progress import gather, log
@@ -103,7 +104,7 @@ class Shard:
     holdout: dict[str, np.ndarray] = field(default_factory=dict)
 
     def stats(self) -> "ShardStats":
-        st = ShardStats(self.config_id, self.date)
+        st = ShardStats(self.config_id, self.date, rows=sum(len(self.y[t]) for t in TARGETS))
         for t in TARGETS:
             X = self.X[t][~self.holdout[t]]
             st.train_rows[t] = len(X)
@@ -118,6 +119,8 @@ class ShardStats:
 
     config_id: str
     date: str
+    rows: int = 0  # alpha + beta rows, held out or not
+    cached: bool = False  # from the feature cache, not from the store
     train_rows: dict[str, int] = field(default_factory=dict)
     col_max: dict[str, np.ndarray] = field(default_factory=dict)
     gram: dict[str, np.ndarray] = field(default_factory=dict)
@@ -163,9 +166,15 @@ class TrainResult:
 
 @ray.remote(max_retries=2, num_returns=2)
 def featurize(store_uri: str, s3: S3Options | None, cfg: DeploymentConfig, steps: Partition | None,
-              requests: Partition | None, holdout_every: int) -> tuple[ShardStats, Shard]:
+              requests: Partition | None, holdout_every: int, cache: CacheEntry | None = None) -> tuple[ShardStats, Shard]:
+    """One shard's features: from its ``cache`` entry if valid, else read from the store (and cached)."""
+    shard, hit = through_cache(cache, Shard, lambda: read_shard(Store(store_uri, s3), cfg, steps, requests, holdout_every))
+    return dataclasses.replace(shard.stats(), cached=hit), shard
+
+
+def read_shard(store: Store, cfg: DeploymentConfig, steps: Partition | None, requests: Partition | None,
+               holdout_every: int) -> Shard:
     """Read one shard's columns and compute both targets' features (idempotent: retry-safe)."""
-    store = Store(store_uri, s3)
     part = steps or requests
     assert part is not None
     shard = Shard(part.config_id, part.date)
@@ -187,7 +196,7 @@ def featurize(store_uri: str, s3: S3Options | None, cfg: DeploymentConfig, steps
         if t not in shard.X:
             p = len(FEATURES[t])
             shard.X[t], shard.y[t], shard.holdout[t] = np.zeros((0, p)), np.zeros(0), np.zeros(0, dtype=bool)
-    return shard.stats(), shard
+    return shard
 
 
 @ray.remote
@@ -298,8 +307,9 @@ def _pair_partitions(store: Store, settings: TrainSettings) -> list[tuple[Partit
     return [(steps.get(k), reqs.get(k)) for k in sorted(set(steps) | set(reqs))]
 
 
-def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | None = None) -> FeatureSet:
-    """List the store's shards in the settings' date window and featurize each in a Ray task."""
+def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | None = None,
+                    cache_root: str | None = None) -> FeatureSet:
+    """Featurize each shard of the settings' date window in a Ray task (cached under ``cache_root`` if given)."""
     store = Store(store_uri, s3)
     store.require()
     configs = store.configs()
@@ -315,8 +325,9 @@ def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | Non
         raise StoreError(f"{store_uri}: partitions of unknown configuration(s) {', '.join(unknown)}: "
                          "no configs/<id>.json documents them")
     log(f"[rece] {store_uri}: {len(ids)} configurations, {len(pairs)} shards")
-    refs = [featurize.remote(store.uri, store.s3, configs[(s or r).config_id], s, r, settings.holdout_every)
-            for s, r in pairs]
+    cache = FeatureCache(cache_root, settings.holdout_every, (read_shard,)) if cache_root else None
+    refs = [featurize.remote(store.uri, store.s3, configs[(s or r).config_id], s, r, settings.holdout_every,
+                             cache and cache.entry(configs[(s or r).config_id], s, r)) for s, r in pairs]
     stats: list[ShardStats] = gather([st for st, _ in refs], "features")
     for cid in ids:
         for t in TARGETS:
@@ -503,13 +514,14 @@ def predict_shards(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows:
 
 
 def train(store_uri: str, settings: TrainSettings, s3: S3Options | None = None,
-          timings: dict[str, Any] | None = None) -> TrainResult:
+          timings: dict[str, Any] | None = None, feature_cache: str | None = None) -> TrainResult:
     """Train a RECE artifact from a store. Raises ``ReceError`` with a clear message on bad input.
 
     ``timings``, if given, receives each phase's wall seconds (``featurize_s``, ``fit_s``,
-    ``held_out_s``) and ``fit_ensemble``'s own (for ``bench/bench_scale.py``)."""
+    ``held_out_s``) and ``fit_ensemble``'s own (for ``bench/bench_scale.py``); ``feature_cache``
+    is the artifact root whose feature cache ``featurize_store`` goes through."""
     t0 = time.monotonic()
-    fs = featurize_store(store_uri, settings, s3)
+    fs = featurize_store(store_uri, settings, s3, feature_cache)
     t1 = time.monotonic()
     doc = fit_ensemble(fs, settings, timings=timings)
     t2 = time.monotonic()

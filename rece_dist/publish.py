@@ -51,6 +51,7 @@ class ManifestMeta:
     date_from: str | None = None
     date_to: str | None = None
     versions: Mapping[str, str] = field(default_factory=library_versions)
+    feature_reads: Mapping[str, int] | None = None  # rows from raw traces vs the feature cache (featurecache.py)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def _provenance(version: str, sha: str, doc: Mapping[str, Any], meta: ManifestMe
         "settings_sha256": sha256_hex(canonical_json(meta.settings, "training settings")),
         "data": {"sha256": sha256_hex(canonical_json(data, "data fingerprint")), "partitions": data},
         "date_window": {"from": meta.date_from, "to": meta.date_to},
+        "feature_reads": None if meta.feature_reads is None else dict(meta.feature_reads),
         "versions": dict(meta.versions),
         "metrics": doc.get("metrics"),
         "companions": dict(companions),

@@ -11,6 +11,7 @@ import ray
 from .artifact import canonical_json, summary_table
 from .blis import golden_vectors, probe_configs
 from .drift import gate
+from .featurecache import read_counts
 from .pipeline import TrainResult, TrainSettings, train
 from .progress import log
 from .publish import ManifestMeta, PublishedVersion, data_fingerprint, publish
@@ -29,9 +30,13 @@ def connect_ray(address: str | None = None) -> None:
 
 
 def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings, ray_address: str | None = None,
-                      max_regression: float | None = 0.05,
-                      timings: dict[str, Any] | None = None) -> tuple[TrainResult, PublishedVersion]:
+                      max_regression: float | None = 0.05, timings: dict[str, Any] | None = None,
+                      feature_cache: bool = True) -> tuple[TrainResult, PublishedVersion]:
     """Train from ``store_uri`` and publish one immutable version under ``out_root``.
+
+    With ``feature_cache``, shards whose partitions, feature code and settings are unchanged are
+    loaded from ``out_root/features/`` instead of the raw traces (``featurecache.py``); the
+    artifact is the same either way.
 
     Unless ``max_regression`` is None, the new model is first scored against the published
     ``latest`` on the same held-out rows and refused (``RegressionError``, nothing written)
@@ -39,9 +44,12 @@ def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings, ra
     phases' wall seconds (``train``'s, then ``publish_s`` for the gate, golden vectors and publish).
     """
     connect_ray(ray_address)
-    result = train(store_uri, settings, timings=timings)
+    result = train(store_uri, settings, timings=timings, feature_cache=out_root if feature_cache else None)
     t0 = time.monotonic()
     doc = result.artifact
+    reads = read_counts(result.features.stats)
+    log(f"[train] features: {reads['raw_rows']:,} rows from raw traces ({reads['raw_shards']} shards), "
+        f"{reads['cached_rows']:,} from the feature cache ({reads['cached_shards']} shards)")
     if max_regression is not None:
         report = gate(doc, result.features, out_root, max_regression)
         if report is not None:
@@ -55,6 +63,7 @@ def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings, ra
         date_from=training["date_window"][0],
         date_to=training["date_window"][1],
         versions=training["versions"],
+        feature_reads=reads,
     )
     golden = canonical_json(golden_vectors(doc, probe_configs()), "golden vectors")
     version = publish(out_root, doc, meta, companions={"golden.json": golden})
