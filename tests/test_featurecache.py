@@ -181,3 +181,18 @@ def test_cache_on_s3_keys_by_etag_and_recomputes_a_bad_object(s3_bucket, tmp_pat
     df = store.scan(part).drop("config_id", "date")
     store.write_partition("requests", part.config_id, part.date, df.head(200))
     assert sum(not hit for _, hit in night()) == 1
+
+
+def test_shipped_iam_policy_lets_the_job_use_the_cache(s3_bucket, s3_iam, monkeypatch):
+    from test_store_s3 import _job_policy
+
+    write_store(s3_bucket.uri("traces/v1"), n_configs=1, rows=100, dates=DAYS[:1])
+    key_id, secret = s3_iam(_job_policy(s3_bucket.name))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    store = Store(s3_bucket.uri("traces/v1"))
+    (cfg,) = store.configs().values()
+    steps, reqs = store.partitions("steps")[0], store.partitions("requests")[0]
+    entry = FeatureCache(s3_bucket.uri("models"), 10, (read_shard,)).entry(cfg, steps, reqs)
+    compute = lambda: read_shard(store, cfg, steps, reqs, 10)  # noqa: E731
+    assert [through_cache(entry, Shard, compute)[1] for _ in range(2)] == [False, True]  # a miss (403 -> listed), then a hit
