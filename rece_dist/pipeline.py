@@ -41,7 +41,7 @@ from .features import (FEATURES, REQUEST_READ, STEP_READ, TARGET_DEFINITION, TAR
 from .featurecache import CacheEntry, FeatureCache, through_cache
 from .fitcache import FitBatch, FitCache, fit_key
 from .metrics import quantile_metrics
-from .progress import gather, log
+from .progress import RETRIES, gather, log
 from .quantile import fit_quantile, fit_quantile_sharded, resolve_crossings
 from .specialists import Clustering, Embedding, cluster
 from .store import Partition, S3Options, Store
@@ -164,7 +164,7 @@ class TrainResult:
 
 # --- Ray tasks --------------------------------------------------------------------------------
 
-@ray.remote(max_retries=2, num_returns=2)
+@ray.remote(max_retries=RETRIES, num_returns=2)
 def featurize(store_uri: str, s3: S3Options | None, cfg: DeploymentConfig, steps: Partition | None,
               requests: Partition | None, holdout_every: int, cache: CacheEntry | None = None) -> tuple[ShardStats, Shard]:
     """One shard's features: from its ``cache`` entry if valid, else read from the store (and cached)."""
@@ -199,7 +199,7 @@ def read_shard(store: Store, cfg: DeploymentConfig, steps: Partition | None, req
     return shard
 
 
-@ray.remote
+@ray.remote(max_retries=RETRIES)
 def prepare(shard: Shard, target: str, scale: np.ndarray, columns: np.ndarray,
             weight: float, keep: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training rows of one shard for one specialist fit: scaled kept features, target, weights.
@@ -244,13 +244,13 @@ def _penalize(p: int) -> np.ndarray:
     return mask
 
 
-@ray.remote(max_retries=1)
+@ray.remote(max_retries=RETRIES)
 def fit(tau: float, l1: float, solver: str, seed: int, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]):
     X, y, w = _stack(parts)
     return fit_quantile(X, y, tau, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver, seed=seed)
 
 
-@ray.remote(max_retries=1)
+@ray.remote(max_retries=RETRIES)
 def uncross(fits: list, l1: float, solver: str, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]):
     X, y, w = _stack(parts)
     return resolve_crossings(X, y, fits, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver)
@@ -269,7 +269,7 @@ def score_shard(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, all_ro
     return out
 
 
-evaluate_shard = ray.remote(score_shard)
+evaluate_shard = ray.remote(max_retries=RETRIES)(score_shard)
 
 
 # --- the driver -------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ import ray
 
 from .errors import ReceError
 
+# Every training and evaluation task is a pure function of its arguments, so Ray may run it again:
+# a worker killed or a node lost mid-task costs a retry, and an output lost with its node is
+# rebuilt from lineage (which needs retries left), instead of failing the job.
+RETRIES = 3
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

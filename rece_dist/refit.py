@@ -24,7 +24,7 @@ from .errors import ReceError
 from .fitcache import FitCache
 from .metrics import pinball, quantile_metrics
 from .pipeline import TARGETS, FeatureSet, TrainSettings, fit_ensemble, score_shard
-from .progress import gather, log
+from .progress import RETRIES, gather, log
 
 
 class EvaluationError(ReceError):
@@ -169,7 +169,7 @@ def own_mixing_job(doc: dict[str, Any], shards: tuple[int, ...], tag: tuple[str,
     return PredictJob(doc, shards, False, mix.get("top_k"), float(mix["temperature"]), tag)
 
 
-@ray.remote(num_returns=2)
+@ray.remote(max_retries=RETRIES, num_returns=2)
 def _score(doc: dict[str, Any], shard: Any, cfg: Any, all_rows: bool, top_k: int | None,
            temperature: float) -> tuple[dict[str, Any], dict[str, int]]:
     """A shard's predictions (kept in the object store) and, for the driver, their row counts."""
@@ -221,7 +221,7 @@ def group_metrics(cs: Sequence[Cell], qs: tuple[float, ...]) -> dict[str, Any]:
             "rel_pinball_macro": float(macro), "configs": len(per_config)}
 
 
-@ray.remote
+@ray.remote(max_retries=RETRIES)
 def _group_metrics(cells: list[CellRef], qs: tuple[float, ...], *outs: Any) -> dict[str, Any]:
     """``group_metrics`` in a task: ``outs`` are the cells' shard results, fetched here, not on the driver."""
     by_ref = dict(zip([c.out.hex() for c in cells], outs))
@@ -255,7 +255,7 @@ def aggregate(cells: Iterable[Cell | CellRef], quantiles: Sequence[float], by: S
     return pl.DataFrame(rows)
 
 
-@ray.remote
+@ray.remote(max_retries=RETRIES)
 def _sample_group(cells: list[CellRef], rows: int, seed: int, *outs: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     by_ref = dict(zip([c.out.hex() for c in cells], outs))
     got = [_cell(c, by_ref[c.out.hex()]) for c in cells]

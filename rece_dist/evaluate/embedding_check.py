@@ -21,7 +21,7 @@ from ..config import DeploymentConfig, config_vector
 from ..ensemble import RECEModel, rows_frame
 from ..features import FEATURES, feature_matrix, kv_read_us_per_usage
 from ..pipeline import TARGETS, FeatureSet, TrainSettings
-from ..progress import gather
+from ..progress import RETRIES, gather
 from ..specialists import Embedding, cluster
 
 # Probe inputs recovered exactly from a configuration's features: (feature, divisor, squared),
@@ -37,7 +37,7 @@ PROBE_INPUTS: dict[str, dict[str, tuple[str, Callable[[DeploymentConfig], float]
 }
 
 
-@ray.remote
+@ray.remote(max_retries=RETRIES)
 def input_ranges(cfg: DeploymentConfig, *shards: Any) -> dict[str, dict[str, tuple[float, float, float]]]:
     """10th, 50th and 90th percentile of each probe input over one configuration's rows."""
     out: dict[str, dict[str, tuple[float, float, float]]] = {}

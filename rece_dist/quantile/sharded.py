@@ -239,14 +239,17 @@ class _RayBackend:
     def __init__(self, refs):
         import ray
 
+        from ..progress import RETRIES
+
         self.ray = ray
         self.refs = list(refs)
         self.state: list[Any] = [None] * len(self.refs)
-        self._stats = ray.remote(_pass_stats)
-        self._sample = ray.remote(_pass_sample)
-        self._classify = ray.remote(num_returns=2)(_pass_classify)
-        self._verify = ray.remote(num_returns=2)(_pass_verify)
-        self._objective = ray.remote(_pass_objective)
+        task = ray.remote(max_retries=RETRIES)
+        self._stats = task(_pass_stats)
+        self._sample = task(_pass_sample)
+        self._classify = ray.remote(max_retries=RETRIES, num_returns=2)(_pass_classify)
+        self._verify = ray.remote(max_retries=RETRIES, num_returns=2)(_pass_verify)
+        self._objective = task(_pass_objective)
 
     def stats(self, need_const):
         return self.ray.get([self._stats.remote(r, i, need_const) for i, r in enumerate(self.refs)])
