@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Callable
 
@@ -384,9 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     except ReceError as exc:
         print(f"rece: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("rece: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM once Ray is connected (runner.connect_ray)
+        from .runner import interrupting_signal
+
+        name = interrupting_signal()
+        notes = "".join(f"; {n}" for n in getattr(exc, "__notes__", ()))
+        print(f"rece: interrupted by {name}{notes}", file=sys.stderr)
+        return 128 + signal.Signals[name].value
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from types import FrameType
 from typing import Any
 
 import ray
@@ -27,6 +30,24 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(address=address)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+    # ray.init makes SIGTERM a bare sys.exit; ``ray job stop`` and a pod's eviction send it, and
+    # they should end the run like Ctrl-C does: unwound, with the CLI's one line.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
+
+
+_signals: list[str] = []  # what raised each KeyboardInterrupt: Ray's ray.get re-raises it bare
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    _signals.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt
+
+
+def interrupting_signal() -> str:
+    """The signal behind the last KeyboardInterrupt (SIGINT unless our handler saw another)."""
+    return _signals[-1] if _signals else "SIGINT"
 
 
 def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings, ray_address: str | None = None,
@@ -44,17 +65,21 @@ def train_and_publish(store_uri: str, out_root: str, settings: TrainSettings, ra
     phases' wall seconds (``train``'s, then ``publish_s`` for the gate, golden vectors and publish).
     """
     connect_ray(ray_address)
-    result = train(store_uri, settings, timings=timings, feature_cache=out_root if feature_cache else None)
-    t0 = time.monotonic()
-    doc = result.artifact
-    reads = read_counts(result.features.stats)
-    log(f"[train] features: {reads['raw_rows']:,} rows from raw traces ({reads['raw_shards']} shards), "
-        f"{reads['cached_rows']:,} from the feature cache ({reads['cached_shards']} shards)")
-    if max_regression is not None:
-        report = gate(doc, result.features, out_root, max_regression)
-        if report is not None:
-            log(f"[train] against latest: {report.reason}")
-            report.raise_if_worse()
+    try:
+        result = train(store_uri, settings, timings=timings, feature_cache=out_root if feature_cache else None)
+        t0 = time.monotonic()
+        doc = result.artifact
+        reads = read_counts(result.features.stats)
+        log(f"[train] features: {reads['raw_rows']:,} rows from raw traces ({reads['raw_shards']} shards), "
+            f"{reads['cached_rows']:,} from the feature cache ({reads['cached_shards']} shards)")
+        if max_regression is not None:
+            report = gate(doc, result.features, out_root, max_regression)
+            if report is not None:
+                log(f"[train] against latest: {report.reason}")
+                report.raise_if_worse()
+    except KeyboardInterrupt as exc:  # publishing is the last step: no version of this run was written yet
+        exc.add_note(f"nothing published, {out_root}/latest unchanged")
+        raise
     training = doc["training"]
     meta = ManifestMeta(
         git_commit=training["git_commit"],
