@@ -589,7 +589,7 @@ def _crossing_dict(report: Any) -> dict[str, Any] | None:
     return None if report is None else dataclasses.asdict(report)
 
 
-@ray.remote
+@ray.remote(max_retries=RETRIES)
 def _pooled_metrics(target: str, quantiles: tuple[float, ...], *outs: dict[str, Any]) -> dict[str, Any]:
     """``quantile_metrics`` over one group's pooled held-out rows, in a task: the predictions go
     from the scoring tasks to this one through the object store, never to the driver."""
