@@ -134,7 +134,7 @@ class FeatureCache:
 
 def read_counts(stats: Sequence[Any]) -> dict[str, int]:
     """Rows and shards featurized from raw traces vs loaded from the cache (``stats``: the
-    pipeline's ShardStats, whose ``rows`` count alpha + beta rows)."""
+    shards.ShardStats, whose ``rows`` count alpha + beta rows)."""
     cached = [st for st in stats if st.cached]
     return {"raw_rows": sum(st.rows for st in stats) - sum(st.rows for st in cached),
             "cached_rows": sum(st.rows for st in cached),

@@ -10,13 +10,28 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-
 from ground_truth import configs, write_store
-from rece_dist.evaluate import (EvalOptions, artifact_splits, EvaluationError, baseline_rows, choose, common_grid,
-                                config_kfold, evaluate, mantel, methods, pair_distances, probe_rows, protocol_folds,
-                                run_protocol, table_footnotes)
+
+from rece_dist.evaluate import (
+    EvalOptions,
+    EvaluationError,
+    artifact_splits,
+    baseline_rows,
+    choose,
+    common_grid,
+    config_kfold,
+    evaluate,
+    mantel,
+    methods,
+    pair_distances,
+    probe_rows,
+    protocol_folds,
+    run_protocol,
+    table_footnotes,
+)
+from rece_dist.pipeline import FeatureSet, TrainSettings, featurize_store, fit_ensemble
 from rece_dist.refit import Cell, Fitter, aggregate, relative_pinball
-from rece_dist.pipeline import FeatureSet, ShardStats, TrainSettings, featurize_store, fit_ensemble
+from rece_dist.shards import ShardStats
 
 QS = (0.1, 0.5, 0.9)
 # borrow 0: the seed's RECE, whose one-configuration specialists are exactly the donor baseline

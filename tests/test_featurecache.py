@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from ground_truth import write_store
+
 from rece_dist import artifact
 from rece_dist.cli import main
 from rece_dist.featurecache import PREFIX, FeatureCache, read_counts, through_cache
-from rece_dist.pipeline import Shard, TrainSettings, read_shard, train
+from rece_dist.pipeline import TrainSettings, train
 from rece_dist.publish import resolve
+from rece_dist.shards import Shard, read_shard
 from rece_dist.store import Store
 
 DAYS = tuple(f"2026-11-0{d}" for d in range(1, 9))
@@ -116,7 +117,7 @@ def test_editing_the_feature_code_changes_every_key(week_store, tmp_path):
     edited = text.replace("def holdout_mask(n: int, every: int = 10, block: int = 500)",
                           "def holdout_mask(n: int, every: int = 10, block: int = 400)")
     assert edited != text
-    probe = ("import json, sys; from rece_dist.featurecache import FeatureCache; from rece_dist.pipeline import read_shard;"
+    probe = ("import json, sys; from rece_dist.featurecache import FeatureCache; from rece_dist.shards import read_shard;"
              "from rece_dist.store import Store; s = Store(sys.argv[1]); cfgs = s.configs();"
              "c = FeatureCache(sys.argv[2], 10, (read_shard,));"
              "print(json.dumps([c.entry(cfgs[p.config_id], p, None).key for p in s.partitions('steps')]))")

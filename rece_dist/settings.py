@@ -1,0 +1,56 @@
+"""Training settings: everything that changes the artifact, validated once, hashed into the manifest.
+
+Its own module because every stage reads it (featurizing the window, the fits, evaluation
+folds, the CLI) and none of them should import another stage to get it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ReceError
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that changes the artifact; hashed into the manifest."""
+
+    specialists: int = 4
+    quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
+    clustering: str = "kmeans"
+    temperature: float = 0.1
+    top_k: int | None = None
+    borrow: float = 0.1
+    calibrate_folds: int = 0
+    l1: float = 0.0
+    noncrossing: bool = True
+    max_fit_rows: int = 10_000_000
+    solver: str = "HIGHS"
+    date_from: str | None = None
+    date_to: str | None = None
+    holdout_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        qs = tuple(float(q) for q in self.quantiles)
+        if not qs or any(not 0 < q < 1 for q in qs) or list(qs) != sorted(set(qs)):
+            raise ReceError(f"quantiles must be increasing values in (0, 1), got {self.quantiles}")
+        object.__setattr__(self, "quantiles", qs)
+        if self.specialists < 1:
+            raise ReceError("--specialists must be at least 1")
+        if self.temperature <= 0:
+            raise ReceError("--temperature must be positive")
+        if self.top_k is not None and self.top_k < 1:
+            raise ReceError("--top-k must be at least 1")
+        if not 0 <= self.borrow <= 1:
+            raise ReceError(f"--borrow must be in [0, 1], got {self.borrow}")
+        if self.max_fit_rows < 1:
+            raise ReceError(f"--max-fit-rows must be positive, got {self.max_fit_rows}")
+        if self.calibrate_folds < 0 or self.calibrate_folds == 1:
+            raise ReceError(f"--calibrate-folds must be 0 (off) or at least 2, got {self.calibrate_folds}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["quantiles"] = list(self.quantiles)
+        return d

@@ -1,0 +1,160 @@
+"""The featurized store: (configuration, date) shards read once, kept in Ray's object store.
+
+One task per shard reads only the columns the features need from its steps and requests
+partitions (or takes them from the feature cache) and returns alpha/beta feature matrices in
+natural units, targets and a held-out mask; the driver keeps only each shard's p x p sums
+(``ShardStats``). Every fit, validation fold and baseline then selects shards from the
+``FeatureSet`` without reading the store again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import ray
+
+from .config import DeploymentConfig
+from .errors import StoreError
+from .features import (FEATURES, REQUEST_READ, STEP_READ, alpha_target, attach_load, beta_target, feature_matrix,
+                       holdout_mask)
+from .featurecache import CacheEntry, FeatureCache, through_cache
+from .progress import RETRIES, gather, log
+from .settings import TrainSettings
+from .store import Partition, S3Options, Store
+
+TARGETS = ("alpha", "beta")
+
+
+@dataclass
+class Shard:
+    """Features of one (configuration, date) shard, for both targets (stays in the object store)."""
+
+    config_id: str
+    date: str
+    X: dict[str, np.ndarray] = field(default_factory=dict)
+    y: dict[str, np.ndarray] = field(default_factory=dict)
+    holdout: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def stats(self) -> "ShardStats":
+        st = ShardStats(self.config_id, self.date, rows=sum(len(self.y[t]) for t in TARGETS))
+        for t in TARGETS:
+            X = self.X[t][~self.holdout[t]]
+            st.train_rows[t] = len(X)
+            st.col_max[t] = np.abs(X).max(axis=0) if len(X) else np.zeros(X.shape[1])
+            st.gram[t] = X.T @ X
+        return st
+
+
+@dataclass
+class ShardStats:
+    """What the driver needs of a shard: p x p sums, never the rows themselves."""
+
+    config_id: str
+    date: str
+    rows: int = 0  # alpha + beta rows, held out or not
+    cached: bool = False  # from the feature cache, not from the store
+    train_rows: dict[str, int] = field(default_factory=dict)
+    col_max: dict[str, np.ndarray] = field(default_factory=dict)
+    gram: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@ray.remote(max_retries=RETRIES, num_returns=2)
+def featurize(store_uri: str, s3: S3Options | None, cfg: DeploymentConfig, steps: Partition | None,
+              requests: Partition | None, holdout_every: int, cache: CacheEntry | None = None) -> tuple[ShardStats, Shard]:
+    """One shard's features: from its ``cache`` entry if valid, else read from the store (and cached)."""
+    shard, hit = through_cache(cache, Shard, lambda: read_shard(Store(store_uri, s3), cfg, steps, requests, holdout_every))
+    return dataclasses.replace(shard.stats(), cached=hit), shard
+
+
+def read_shard(store: Store, cfg: DeploymentConfig, steps: Partition | None, requests: Partition | None,
+               holdout_every: int) -> Shard:
+    """Read one shard's columns and compute both targets' features (idempotent: retry-safe)."""
+    part = steps or requests
+    assert part is not None
+    shard = Shard(part.config_id, part.date)
+    step_df = store.scan(steps, STEP_READ).sort("step_id") if steps else None
+    if step_df is not None:
+        shard.X["beta"] = feature_matrix(step_df, cfg, "beta")
+        shard.y["beta"] = beta_target(step_df)
+        shard.holdout["beta"] = holdout_mask(len(step_df), holdout_every)
+    if requests is not None:
+        req = store.scan(requests, REQUEST_READ)
+        load = step_df if step_df is not None else pl.DataFrame(
+            schema={"ts_start_ns": pl.Int64, "running_depth": pl.Int32, "waiting_depth": pl.Int32,
+                    "kv_usage_gpu_ratio": pl.Float32})
+        req = attach_load(req, load)
+        shard.X["alpha"] = feature_matrix(req, cfg, "alpha")
+        shard.y["alpha"] = alpha_target(req)
+        shard.holdout["alpha"] = holdout_mask(len(req), holdout_every)
+    for t in TARGETS:
+        if t not in shard.X:
+            p = len(FEATURES[t])
+            shard.X[t], shard.y[t], shard.holdout[t] = np.zeros((0, p)), np.zeros(0), np.zeros(0, dtype=bool)
+    return shard
+
+
+@dataclass
+class FeatureSet:
+    """A featurized store: shard data in the Ray object store, shard statistics on the driver.
+
+    Built once, then any number of fits (training, validation folds, baselines) select shards
+    from it without reading the store again.
+    """
+
+    store_uri: str
+    configs: dict[str, DeploymentConfig]
+    partitions: list[Partition]
+    shard_refs: list[ray.ObjectRef]
+    stats: list[ShardStats]
+
+    def shards_of(self, config_ids: list[str] | set[str], dates: set[str] | None = None) -> list[int]:
+        return [i for i, st in enumerate(self.stats)
+                if st.config_id in config_ids and (dates is None or st.date in dates)]
+
+    @property
+    def config_ids(self) -> list[str]:
+        return sorted({st.config_id for st in self.stats})
+
+    @property
+    def dates(self) -> list[str]:
+        return sorted({st.date for st in self.stats})
+
+
+def _pair_partitions(store: Store, settings: TrainSettings) -> list[tuple[Partition | None, Partition | None]]:
+    steps = {(p.config_id, p.date): p for p in store.partitions("steps", None, settings.date_from, settings.date_to)}
+    reqs = {(p.config_id, p.date): p for p in store.partitions("requests", None, settings.date_from, settings.date_to)}
+    return [(steps.get(k), reqs.get(k)) for k in sorted(set(steps) | set(reqs))]
+
+
+def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | None = None,
+                    cache_root: str | None = None) -> FeatureSet:
+    """Featurize each shard of the settings' date window in a Ray task (cached under ``cache_root`` if given)."""
+    store = Store(store_uri, s3)
+    store.require()
+    configs = store.configs()
+    if not configs:
+        raise StoreError(f"{store_uri}: the store has no configuration documents (configs/*.json)")
+    pairs = _pair_partitions(store, settings)
+    if not pairs:
+        window = f" in {settings.date_from or '...'}..{settings.date_to or '...'}" if (settings.date_from or settings.date_to) else ""
+        raise StoreError(f"{store_uri}: no trace partitions{window} for the {len(configs)} configuration(s)")
+    ids = sorted({(s or r).config_id for s, r in pairs})
+    unknown = [c for c in ids if c not in configs]
+    if unknown:
+        raise StoreError(f"{store_uri}: partitions of unknown configuration(s) {', '.join(unknown)}: "
+                         "no configs/<id>.json documents them")
+    log(f"[rece] {store_uri}: {len(ids)} configurations, {len(pairs)} shards")
+    cache = FeatureCache(cache_root, settings.holdout_every, (read_shard,)) if cache_root else None
+    refs = [featurize.remote(store.uri, store.s3, configs[(s or r).config_id], s, r, settings.holdout_every,
+                             cache and cache.entry(configs[(s or r).config_id], s, r)) for s, r in pairs]
+    stats: list[ShardStats] = gather([st for st, _ in refs], "features")
+    for cid in ids:
+        for t in TARGETS:
+            if sum(st.train_rows[t] for st in stats if st.config_id == cid) == 0:
+                raise StoreError(f"configuration {cid} ({configs[cid].label}) has no {t} training rows "
+                                 f"in the selected window")
+    return FeatureSet(store_uri, {c: configs[c] for c in ids}, [p for pair in pairs for p in pair if p],
+                      [shard for _, shard in refs], stats)
