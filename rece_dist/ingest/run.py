@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from ..config import Catalog, DeploymentConfig, load_config_file
@@ -201,6 +202,9 @@ def _chunks(source: sources.Source, opts: IngestOptions):
         from .inference_perf import record_chunks
 
         yield from record_chunks(source, opts.chunk_bytes)
+    elif opts.fmt == "otlp":  # as a uint8 array: Ray hands it to the task without copying it again
+        for index, first, head, data in sources.line_chunks(source, opts.chunk_bytes):
+            yield index, first, head, np.frombuffer(data, dtype=np.uint8)
     else:
         yield from sources.line_chunks(source, opts.chunk_bytes, header=opts.fmt == "tracev2")
 

@@ -107,14 +107,16 @@ def open_decoded(src: Source) -> IO[bytes]:
     return pa.CompressedInputStream(stream, codec) if codec else stream
 
 
-def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator[tuple[int, int, bytes, bytes]]:
+def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator[tuple[int, int, bytes, bytearray]]:
     """``(index, first line number, header line, bytes of whole lines)`` of about ``chunk_bytes`` each.
 
     With ``header`` the file's first line (a CSV header) is returned with every chunk and not in any.
+    Each chunk is read straight into its own buffer (only the partial line at its end is copied,
+    to the next one), so the reader touches each byte once whatever the chunk size.
     """
     with open_decoded(src) as f:
         head = b""
-        buf = b""
+        carry = b""
         line_no = 1
         if header:
             first = b""
@@ -123,33 +125,49 @@ def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator
                 if not block:
                     break
                 first += block
-            head, _, buf = first.partition(b"\n")
+            head, _, carry = first.partition(b"\n")
             line_no = 2
-        index, eof = 0, False
+        index = 0
         while True:
-            while not eof and len(buf) < chunk_bytes:
-                block = f.read(_READ)
-                eof = not block
-                buf += block
+            capacity = max(chunk_bytes, len(carry))
+            buf = bytearray(capacity)
+            buf[:len(carry)] = carry
+            end = len(carry) + (_read_into(f, memoryview(buf)[len(carry):]) if capacity > len(carry) else 0)
+            del buf[end:]
             if not buf:
                 return
-            if eof and len(buf) <= chunk_bytes:
-                data, buf = buf, b""
-            else:
-                cut = buf.rfind(b"\n", 0, chunk_bytes)
-                while cut < 0:  # one line longer than a chunk: read to its end
-                    cut = buf.find(b"\n", chunk_bytes)
-                    if cut >= 0 or eof:
-                        break
-                    block = f.read(_READ)
-                    eof = not block
-                    buf += block
-                data, buf = (buf, b"") if cut < 0 else (buf[: cut + 1], buf[cut + 1:])
+            eof = end < capacity
+            cut = len(buf) - 1 if eof else buf.rfind(b"\n", 0, chunk_bytes)
+            if cut < 0:
+                cut = buf.find(b"\n", chunk_bytes)
+            while cut < 0:  # one line longer than a chunk: read to its end
+                block = f.read(_READ)
+                if not block:
+                    eof, cut = True, len(buf) - 1
+                    break
+                nl = block.find(b"\n")
+                cut = len(buf) + nl if nl >= 0 else -1
+                buf += block
+            carry = bytes(buf[cut + 1:])
+            del buf[cut + 1:]
             if index == 0:
-                _check_text(data, src)
-            yield index, line_no, head, data
-            line_no += data.count(b"\n")
+                _check_text(buf, src)
+            yield index, line_no, head, buf
+            line_no += buf.count(b"\n")
             index += 1
+            if eof and not carry:
+                return
+
+
+def _read_into(f: IO[bytes], view: memoryview) -> int:
+    """Fill ``view`` from ``f``; fewer bytes only at the end of the stream."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _check_text(data: bytes, src: Source) -> None:
