@@ -151,7 +151,7 @@ def _object_lines(data: bytes | np.ndarray, first_line: int) -> tuple[np.ndarray
 
 def _read(buf: pa.Buffer | bytes, longest: int) -> pa.Table:
     return pj.read_json(pa.BufferReader(buf),
-                        read_options=pj.ReadOptions(use_threads=False, block_size=max(1 << 20, 2 * longest + 2)),
+                        read_options=pj.ReadOptions(use_threads=False, block_size=max(8 << 20, 2 * longest + 2)),
                         parse_options=pj.ParseOptions(explicit_schema=JSON_SCHEMA, unexpected_field_behavior="ignore"))
 
 
