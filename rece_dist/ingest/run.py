@@ -202,11 +202,10 @@ def _chunks(source: sources.Source, opts: IngestOptions):
         from .inference_perf import record_chunks
 
         yield from record_chunks(source, opts.chunk_bytes)
-    elif opts.fmt == "otlp":  # as a uint8 array: Ray hands it to the task without copying it again
-        for index, first, head, data in sources.line_chunks(source, opts.chunk_bytes):
-            yield index, first, head, np.frombuffer(data, dtype=np.uint8)
-    else:
-        yield from sources.line_chunks(source, opts.chunk_bytes, header=opts.fmt == "tracev2")
+    else:  # the chunk is a view of a reused buffer, copied once into the object store by task.remote;
+        # as a uint8 array Ray hands it to the task without copying it again
+        for index, first, head, data in sources.line_chunks(source, opts.chunk_bytes, header=opts.fmt == "tracev2"):
+            yield index, first, head, np.frombuffer(data, dtype=np.uint8) if opts.fmt == "otlp" else bytes(data)
 
 
 def ingest(inputs: list[str], store_uri: str, config_specs: list[str], opts: IngestOptions) -> list[FileSummary]:

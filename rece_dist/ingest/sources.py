@@ -89,11 +89,13 @@ def _raw(src: Source) -> IO[bytes]:
 
 
 def digest(src: Source) -> str:
-    """SHA-256 of the stored bytes (one streaming pass)."""
+    """SHA-256 of the stored bytes (one streaming pass through one reused buffer: a fresh block per
+    read would cost as much in page faults as the hash itself)."""
     h = hashlib.sha256()
+    block = memoryview(bytearray(_READ))
     with _raw(src) as f:
-        while block := f.read(_READ):
-            h.update(block)
+        while n := _read_into(f, block):
+            h.update(block[:n])
     return h.hexdigest()
 
 
@@ -107,12 +109,13 @@ def open_decoded(src: Source) -> IO[bytes]:
     return pa.CompressedInputStream(stream, codec) if codec else stream
 
 
-def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator[tuple[int, int, bytes, bytearray]]:
+def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator[tuple[int, int, bytes, memoryview]]:
     """``(index, first line number, header line, bytes of whole lines)`` of about ``chunk_bytes`` each.
 
     With ``header`` the file's first line (a CSV header) is returned with every chunk and not in any.
-    Each chunk is read straight into its own buffer (only the partial line at its end is copied,
-    to the next one), so the reader touches each byte once whatever the chunk size.
+    The chunk is a view of one buffer that every chunk reuses (only the partial line at a chunk's
+    end is moved, to the front): copy what is kept past the next chunk (``ray.put`` does). Fresh
+    chunk-sized buffers would cost more in page faults than reading the bytes.
     """
     with open_decoded(src) as f:
         head = b""
@@ -127,36 +130,38 @@ def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator
                 first += block
             head, _, carry = first.partition(b"\n")
             line_no = 2
+        buf = bytearray(max(chunk_bytes, len(carry)))
+        have = len(carry)
+        buf[:have] = carry
         index = 0
         while True:
-            capacity = max(chunk_bytes, len(carry))
-            buf = bytearray(capacity)
-            buf[:len(carry)] = carry
-            end = len(carry) + (_read_into(f, memoryview(buf)[len(carry):]) if capacity > len(carry) else 0)
-            del buf[end:]
-            if not buf:
+            capacity = max(chunk_bytes, have)
+            end = have + (_read_into(f, memoryview(buf)[have:capacity]) if capacity > have else 0)
+            if not end:
                 return
             eof = end < capacity
-            cut = len(buf) - 1 if eof else buf.rfind(b"\n", 0, chunk_bytes)
+            cut = end - 1 if eof else buf.rfind(b"\n", 0, chunk_bytes)
             if cut < 0:
-                cut = buf.find(b"\n", chunk_bytes)
+                cut = buf.find(b"\n", chunk_bytes, end)
             while cut < 0:  # one line longer than a chunk: read to its end
                 block = f.read(_READ)
                 if not block:
-                    eof, cut = True, len(buf) - 1
+                    eof, cut = True, end - 1
                     break
                 nl = block.find(b"\n")
-                cut = len(buf) + nl if nl >= 0 else -1
-                buf += block
-            carry = bytes(buf[cut + 1:])
-            del buf[cut + 1:]
+                cut = end + nl if nl >= 0 else -1
+                buf = bytearray(buf[:end]) + block  # a new buffer: the caller may still hold a view of the old
+                end = len(buf)
+            data = memoryview(buf)[:cut + 1]
             if index == 0:
-                _check_text(buf, src)
-            yield index, line_no, head, buf
-            line_no += buf.count(b"\n")
+                _check_text(data, src)
+            yield index, line_no, head, data
+            line_no += buf.count(b"\n", 0, cut + 1)
             index += 1
-            if eof and not carry:
+            if eof and cut + 1 == end:
                 return
+            have = end - cut - 1
+            buf[:have] = buf[cut + 1:end]
 
 
 def _read_into(f: IO[bytes], view: memoryview) -> int:
@@ -170,9 +175,9 @@ def _read_into(f: IO[bytes], view: memoryview) -> int:
     return got
 
 
-def _check_text(data: bytes, src: Source) -> None:
+def _check_text(data: memoryview, src: Source) -> None:
     """Fail early on binary input handed to a text format (a protobuf file read as JSON lines)."""
-    if b"\x00" in data[:4096]:
+    if b"\x00" in bytes(data[:4096]):
         raise IngestError(f"{src.uri}: binary data where text was expected (an OTLP protobuf file? use --encoding proto)")
 
 
