@@ -99,14 +99,50 @@ def digest(src: Source) -> str:
     return h.hexdigest()
 
 
+def codec(src: Source) -> str | None:
+    """The compression of ``src`` from its magic bytes (``gzip``, ``zstd``), or None."""
+    with _raw(src) as raw:
+        head = raw.read(4)
+    return next((c for m, c in _MAGIC.items() if head.startswith(m)), None)
+
+
 def open_decoded(src: Source) -> IO[bytes]:
     """The decompressed byte stream of ``src``."""
-    raw = _raw(src)
-    head = raw.read(4)
-    codec = next((c for m, c in _MAGIC.items() if head.startswith(m)), None)
-    raw.close()
+    kind = codec(src)
     stream = _raw(src)
-    return pa.CompressedInputStream(stream, codec) if codec else stream
+    return pa.CompressedInputStream(stream, kind) if kind else stream
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """A chunk of a local uncompressed file, which the task that parses it reads itself."""
+
+    source: Source
+    offset: int
+    length: int
+
+    def read(self) -> pa.Buffer:
+        with self.source.fs.open_input_file(self.source.path) as f:
+            return f.read_at(self.length, self.offset)
+
+
+def index_lines(src: Source, chunk_bytes: int) -> tuple[str, list[ByteRange], list[int]] | None:
+    """For a local uncompressed file: its SHA-256, the byte ranges of the chunks :func:`line_chunks`
+    cuts and their first line numbers, from one read (the hash pass is the chunking pass; the
+    tasks then read their own range, so no chunk goes through the driver); None for other files."""
+    if src.is_s3 or codec(src):
+        return None
+    with src.fs.open_input_file(src.path) as f:  # as stored: open_input_stream decompresses by extension
+        if any(f.read(4).startswith(m) for m in _MAGIC):
+            return None
+    h = hashlib.sha256()
+    ranges, firsts, offset = [], [], 0
+    for _, first, _, data in line_chunks(src, chunk_bytes):
+        h.update(data)
+        ranges.append(ByteRange(src, offset, len(data)))
+        firsts.append(first)
+        offset += len(data)
+    return h.hexdigest(), ranges, firsts
 
 
 def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator[tuple[int, int, bytes, memoryview]]:
