@@ -130,9 +130,9 @@ def index_lines(src: Source, chunk_bytes: int) -> tuple[str, list[ByteRange], li
     """For a local uncompressed file: its SHA-256, the byte ranges of the chunks :func:`line_chunks`
     cuts and their first line numbers, from one read (the hash pass is the chunking pass; the
     tasks then read their own range, so no chunk goes through the driver); None for other files."""
-    if src.is_s3 or codec(src):
+    if src.is_s3:
         return None
-    with src.fs.open_input_file(src.path) as f:  # as stored: open_input_stream decompresses by extension
+    with src.fs.open_input_file(src.path) as f:  # as stored (open_input_stream decompresses by extension)
         if any(f.read(4).startswith(m) for m in _MAGIC):
             return None
     h = hashlib.sha256()
@@ -194,7 +194,7 @@ def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator
             yield index, line_no, head, data
             line_no += buf.count(b"\n", 0, cut + 1)
             index += 1
-            if eof and cut + 1 == end:
+            if eof:
                 return
             have = end - cut - 1
             buf[:have] = buf[cut + 1:end]
