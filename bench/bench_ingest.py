@@ -135,7 +135,7 @@ def main() -> None:
     p.add_argument("--events", default="1e5,1e6", help="comma-separated step-event counts (default 1e5,1e6)")
     p.add_argument("--chunk-mib", type=int, default=64)
     args = p.parse_args()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # its own, never a shared cluster
     print(f"machine: {os.cpu_count()} CPUs; chunk {args.chunk_mib} MiB")
     print(f"{'events':>10} {'file MiB':>9} {'write s':>8} {'ingest s':>9} {'events/s':>10} {'driver MiB':>11} {'worker MiB':>11} "
           f"{'driver CPU s':>13} {'worker CPU s':>13} {'events/CPU-s':>13} {'load':>5}")
