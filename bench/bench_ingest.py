@@ -8,7 +8,10 @@ steps of one configuration, 256 events per line as the writer emits them, repeat
 written by a child process), then ingests it into a fresh local store on local Ray.
 Prints the file size, ingest wall time, step events/s, the driver's peak RSS and the peak RSS
 of its busiest Ray worker (sampled from /proc every 0.2 s; shared object-store pages count in
-both): flat memory as the file grows is the claim.
+both): flat memory as the file grows is the claim. It also prints the CPU seconds the driver and
+its Ray workers spent, as step events per CPU-second: on a machine shared with other work the
+wall-clock rate says more about the neighbours than about the importer, the CPU cost does not
+(``ncpu x events per CPU-s`` is what an idle machine would reach if the work spread perfectly).
 """
 
 from __future__ import annotations
@@ -73,17 +76,36 @@ def _ray_workers() -> list[int]:
     return out
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class PeakRSS(threading.Thread):
+    """Peak RSS of the driver and of its busiest Ray worker; CPU seconds of the workers since start."""
+
     def __init__(self) -> None:
         super().__init__(daemon=True)
         self.driver = self.worker = 0.0
         self.stop = threading.Event()
+        self.cpu_start = {p: _cpu_s(p) for p in _ray_workers()}
+        self.cpu_last: dict[int, float] = {}
 
     def run(self) -> None:
         while not self.stop.is_set():
             self.driver = max(self.driver, _rss_mib(os.getpid()))
-            self.worker = max([self.worker, *(_rss_mib(p) for p in _ray_workers())])
+            workers = _ray_workers()
+            self.worker = max([self.worker, *(_rss_mib(p) for p in workers)])
+            self.cpu_last.update({p: _cpu_s(p) for p in workers})
             time.sleep(0.2)
+
+    def worker_cpu_s(self) -> float:
+        return sum(c - self.cpu_start.get(p, 0.0) for p, c in self.cpu_last.items())
 
 
 def write_file(path: Path, events: int, block: int = 100_000) -> tuple[object, int]:
@@ -113,9 +135,10 @@ def main() -> None:
     p.add_argument("--events", default="1e5,1e6", help="comma-separated step-event counts (default 1e5,1e6)")
     p.add_argument("--chunk-mib", type=int, default=64)
     args = p.parse_args()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)  # its own, never a shared cluster
     print(f"machine: {os.cpu_count()} CPUs; chunk {args.chunk_mib} MiB")
-    print(f"{'events':>10} {'file MiB':>9} {'write s':>8} {'ingest s':>9} {'events/s':>10} {'driver MiB':>11} {'worker MiB':>11}")
+    print(f"{'events':>10} {'file MiB':>9} {'write s':>8} {'ingest s':>9} {'events/s':>10} {'driver MiB':>11} {'worker MiB':>11} "
+          f"{'driver CPU s':>13} {'worker CPU s':>13} {'events/CPU-s':>13} {'load':>5}")
     for n in (int(float(x)) for x in args.events.split(",")):
         tmp = Path(tempfile.mkdtemp(prefix="rece-bench-ingest-"))
         src = tmp / "traces.jsonl"
@@ -128,14 +151,19 @@ def main() -> None:
                                                       "serving": cfg.to_dict()["serving"]}))
         peak = PeakRSS()
         peak.start()
+        cpu0 = os.times()
         t0 = time.monotonic()
         (summary,) = ingest([str(src)], str(tmp / "store"), [str(cfg_path)], IngestOptions("otlp", chunk_bytes=args.chunk_mib << 20))
         secs = time.monotonic() - t0
+        cpu1 = os.times()
         peak.stop.set()
         peak.join()
+        driver_cpu = cpu1.user - cpu0.user + cpu1.system - cpu0.system
+        cpu = driver_cpu + peak.worker_cpu_s()
         assert summary.rows["steps"] + summary.idle_steps_dropped == written, summary
         print(f"{written:>10} {src.stat().st_size / 2**20:>9.0f} {t_write:>8.1f} {secs:>9.1f} {written / secs:>10.0f} "
-              f"{peak.driver:>11.0f} {peak.worker:>11.0f}", flush=True)
+              f"{peak.driver:>11.0f} {peak.worker:>11.0f} {driver_cpu:>13.1f} {peak.worker_cpu_s():>13.1f} {written / cpu:>13.0f} "
+              f"{os.getloadavg()[0]:>5.1f}", flush=True)
         shutil.rmtree(tmp)
 
 

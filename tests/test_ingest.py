@@ -105,6 +105,22 @@ def test_ingesting_again_changes_nothing_and_a_crash_is_finished_without_duplica
     assert files(store_dir) == before
 
 
+def test_a_compressed_file_streamed_in_chunks_gives_the_rows_of_the_plain_file(round_trip, tmp_path):
+    """A gzip file is cut by the driver's stream (a plain local file is cut in its hash pass and
+    read by the tasks): several 1 MiB chunks of each must give the same rows."""
+    _, otlp, ingested = round_trip
+    cfg = sorted(Path(otlp, "configs").glob("*.json"))[0]
+    gz = tmp_path / "traces.jsonl.gz"
+    gz.write_bytes(gzip.compress(Path(otlp, "otlp", cfg.stem + ".jsonl").read_bytes()))
+    store = str(tmp_path / "gz")
+    ingest([str(gz)], store, [str(cfg)], IngestOptions("otlp", chunk_bytes=1 << 20))
+    want = {t: df.filter(pl.col("config_id") == cfg.stem) for t, df in tables(ingested).items()}
+    got = tables(store)
+    assert len(list(Path(store, "ingest").glob("*/chunk-0000[1-9].json"))) > 0  # really several chunks
+    for t in ("steps", "requests"):
+        assert len(got[t]) > 100 and got[t].equals(want[t]), t
+
+
 def test_an_ingested_store_trains(round_trip, tmp_path, capsys):
     _, _, ingested = round_trip
     assert main(["train", "--store", ingested, "--out", str(tmp_path / "art"), "--specialists", "1"]) == 0

@@ -73,6 +73,7 @@ REQUEST_EVENT_ATTRIBUTES: dict[str, tuple[str, str]] = {
 QUARANTINE_SCHEMA = {"source": pl.String, "line": pl.Int64, "span_id": pl.String, "event": pl.String,
                      "attribute": pl.String, "reason": pl.String, "detail": pl.String}
 _DAY_NS = 86_400 * 10**9
+_WINDOW = 1 << 20
 
 _AV = pa.struct([("stringValue", pa.string()), ("intValue", pa.string()), ("doubleValue", pa.float64()),
                  ("boolValue", pa.bool_())])
@@ -87,32 +88,71 @@ JSON_SCHEMA = pa.schema([("resourceSpans", pa.list_(pa.struct([
 
 @dataclass
 class Events:
-    """One chunk's span events (``ev`` rows) and their attributes (``attrs`` rows, keyed by ``ev``)."""
+    """One chunk's span events (``ev`` rows) and their attributes (``attrs`` rows, keyed by ``ev``).
+
+    ``attrs`` (about 18 rows per step event) stays an Arrow table: the typed extraction reads it
+    with Arrow kernels and NumPy, and a conversion to Polars would copy every string."""
 
     ev: pl.DataFrame
-    attrs: pl.DataFrame
+    attrs: pa.Table
     bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (line, parser message)
 
 
 _EV_SCHEMA = {"ev": pl.Int64, "line": pl.Int64, "service": pl.String, "scope": pl.String, "trace_id": pl.String,
               "span_id": pl.String, "span_request_id": pl.String, "time_ns": pl.String, "name": pl.String}
-_ATTR_SCHEMA = {"ev": pl.Int64, "key": pl.String, "s": pl.String, "i": pl.String, "d": pl.Float64, "b": pl.Boolean}
+_ATTR_SCHEMA = pa.schema([("ev", pa.int64()), ("key", pa.string()), ("s", pa.string()), ("i", pa.string()),
+                          ("d", pa.float64()), ("b", pa.bool_())])
 
 
 # --- OTLP/JSON ----------------------------------------------------------------------------------
 
-def parse_json_lines(data: bytes, first_line: int) -> Events:
-    """Parse newline-delimited OTLP/JSON (``first_line``: 1-based number of the first line)."""
-    raw = data.split(b"\n")
-    numbers = np.arange(first_line, first_line + len(raw), dtype=np.int64)
-    keep = np.array([bool(x.strip()) for x in raw], dtype=bool)
-    lines = [x for x, k in zip(raw, keep) if k]
-    numbers = numbers[keep]
+def parse_json_lines(data: bytes | np.ndarray, first_line: int) -> Events:
+    """Parse newline-delimited OTLP/JSON (``first_line``: 1-based number of the first line); ``data``
+    may be a uint8 array, as a chunk arrives from the object store without a copy.
+
+    The chunk goes to PyArrow's reader whole and without a copy; only when the reader rejects it
+    (or reads a different number of objects than there are lines) are its lines split apart and
+    the bad ones found by bisection."""
+    numbers, longest = _object_lines(data, first_line)
+    if not len(numbers):
+        return _concat([], [])
+    try:
+        tbl = _read(pa.py_buffer(data), longest)
+    except pa.ArrowInvalid:
+        tbl = None
+    if tbl is not None and tbl.num_rows == len(numbers):
+        return _concat([_flatten(tbl, numbers)], [])
+    lines = [x for x in bytes(data).split(b"\n") if x.strip()]
     parts: list[tuple[pa.Table, np.ndarray]] = []
     bad: list[tuple[int, str]] = []
     _read_bisect(lines, numbers, parts, bad)
-    frames = [_flatten(tbl, nums) for tbl, nums in parts]
-    return _concat(frames, bad)
+    return _concat([_flatten(t, nums) for t, nums in parts], bad)
+
+
+def _object_lines(data: bytes | np.ndarray, first_line: int) -> tuple[np.ndarray, int]:
+    """Line numbers of the non-blank lines of ``data`` (those the JSON reader reads as objects) and
+    the longest line's length, from one NumPy scan for newlines."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if not len(buf):
+        return np.zeros(0, dtype=np.int64), 0
+    # in 1 MiB windows: a chunk-sized temporary would cost fresh pages on every chunk
+    ends = np.concatenate([np.flatnonzero(buf[o:o + _WINDOW] == 10) + o for o in range(0, len(buf), _WINDOW)])
+    if buf[-1] != 10:
+        ends = np.append(ends, len(buf))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts
+    # a line is blank if empty or whitespace only; only lines starting with whitespace need a look
+    maybe = np.flatnonzero((lengths == 0) | np.isin(buf[np.minimum(starts, len(buf) - 1)], (9, 11, 12, 13, 32)))
+    blank = np.zeros(len(starts), dtype=bool)
+    blank[maybe] = [not bytes(buf[starts[j]:ends[j]]).strip() for j in maybe]
+    numbers = np.arange(first_line, first_line + len(starts), dtype=np.int64)[~blank]
+    return numbers, int(lengths.max(initial=0))
+
+
+def _read(buf: pa.Buffer | bytes, longest: int) -> pa.Table:
+    return pj.read_json(pa.BufferReader(buf),
+                        read_options=pj.ReadOptions(use_threads=False, block_size=max(8 << 20, 2 * longest + 2)),
+                        parse_options=pj.ParseOptions(explicit_schema=JSON_SCHEMA, unexpected_field_behavior="ignore"))
 
 
 def _read_bisect(lines: list[bytes], numbers: np.ndarray, parts: list, bad: list) -> None:
@@ -120,9 +160,7 @@ def _read_bisect(lines: list[bytes], numbers: np.ndarray, parts: list, bad: list
     if not lines:
         return
     try:
-        tbl = pj.read_json(io.BytesIO(b"\n".join(lines)),
-                           read_options=pj.ReadOptions(use_threads=False, block_size=max(1 << 20, 2 * max(map(len, lines)))),
-                           parse_options=pj.ParseOptions(explicit_schema=JSON_SCHEMA, unexpected_field_behavior="ignore"))
+        tbl = _read(b"\n".join(lines), max(map(len, lines)))
         if tbl.num_rows != len(lines):
             raise pa.ArrowInvalid(f"expected {len(lines)} JSON objects, read {tbl.num_rows}")
         parts.append((tbl, numbers))
@@ -148,31 +186,26 @@ def _level(arr: pa.Array, name: str) -> tuple[pa.Array, np.ndarray]:
     return lst.flatten(), pc.list_parent_indices(lst).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _attr_frame(attrs_list: pa.Array, parent_ids: np.ndarray) -> pl.DataFrame:
+def _attr_table(attrs_list: pa.Array, parent_ids: np.ndarray) -> pa.Table:
     """(owner, key, AnyValue fields) rows of a list<KeyValue> array whose i-th list belongs to ``parent_ids[i]``."""
     kv = attrs_list.flatten()
     owner = parent_ids[pc.list_parent_indices(attrs_list).to_numpy(zero_copy_only=False).astype(np.int64)]
     val = pc.struct_field(kv, "value")
-    return pl.DataFrame({
-        "ev": owner,
-        "key": pl.Series(pc.struct_field(kv, "key")),
-        "s": pl.Series(pc.struct_field(val, "stringValue")),
-        "i": pl.Series(pc.struct_field(val, "intValue")),
-        "d": pl.Series(pc.struct_field(val, "doubleValue")),
-        "b": pl.Series(pc.struct_field(val, "boolValue")),
-    }, schema=_ATTR_SCHEMA)
+    return pa.table([pa.array(owner, pa.int64()), pc.struct_field(kv, "key"),
+                     *(pc.struct_field(val, f) for f in ("stringValue", "intValue", "doubleValue", "boolValue"))],
+                    schema=_ATTR_SCHEMA)
 
 
 def _flatten(tbl: pa.Table, line_numbers: np.ndarray) -> Events:
     rs_list = tbl.column("resourceSpans").combine_chunks()
     rs = rs_list.flatten()
     rs_line = line_numbers[pc.list_parent_indices(rs_list).to_numpy(zero_copy_only=False).astype(np.int64)]
-    res_attrs = _attr_frame(pc.struct_field(pc.struct_field(rs, "resource"), "attributes"), np.arange(len(rs)))
+    res_attrs = _attr_table(pc.struct_field(pc.struct_field(rs, "resource"), "attributes"), np.arange(len(rs)))
     service = _first_string(res_attrs, "service.name", len(rs))
     ss, ss_rs = _level(rs, "scopeSpans")
     scope = pc.struct_field(pc.struct_field(ss, "scope"), "name")
     sp, sp_ss = _level(ss, "spans")
-    span_attrs = _attr_frame(pc.struct_field(sp, "attributes"), np.arange(len(sp)))
+    span_attrs = _attr_table(pc.struct_field(sp, "attributes"), np.arange(len(sp)))
     span_rid = _first_string(span_attrs, "gen_ai.request.id", len(sp))
     ev, ev_sp = _level(sp, "events")
     ev_ss = sp_ss[ev_sp]
@@ -189,12 +222,12 @@ def _flatten(tbl: pa.Table, line_numbers: np.ndarray) -> Events:
         "time_ns": pl.Series(pc.struct_field(ev, "timeUnixNano")),
         "name": pl.Series(pc.struct_field(ev, "name")),
     }, schema=_EV_SCHEMA)
-    return Events(frame, _attr_frame(pc.struct_field(ev, "attributes"), np.arange(n, dtype=np.int64)))
+    return Events(frame, _attr_table(pc.struct_field(ev, "attributes"), np.arange(n, dtype=np.int64)))
 
 
-def _first_string(attrs: pl.DataFrame, key: str, n: int) -> pl.Series:
+def _first_string(attrs: pa.Table, key: str, n: int) -> pl.Series:
     """The string value of attribute ``key`` for owners 0..n-1 (null where absent)."""
-    hit = attrs.filter(pl.col("key") == key).unique("ev", keep="first").select("ev", "s")
+    hit = pl.from_arrow(attrs.filter(pc.equal(attrs.column("key"), key)).select(["ev", "s"])).unique("ev", keep="first")
     return pl.DataFrame({"ev": np.arange(n, dtype=np.int64)}).join(hit, on="ev", how="left")["s"]
 
 
@@ -202,10 +235,10 @@ def _concat(frames: list[Events], bad: list[tuple[int, str]]) -> Events:
     evs, attrs, offset = [], [], 0
     for f in frames:
         evs.append(f.ev.with_columns(pl.col("ev") + offset))
-        attrs.append(f.attrs.with_columns(pl.col("ev") + offset))
+        attrs.append(f.attrs.set_column(0, "ev", pc.add(f.attrs.column("ev"), offset)))
         offset += len(f.ev)
     ev = pl.concat(evs) if evs else pl.DataFrame(schema=_EV_SCHEMA)
-    at = pl.concat(attrs) if attrs else pl.DataFrame(schema=_ATTR_SCHEMA)
+    at = pa.concat_tables(attrs) if attrs else _ATTR_SCHEMA.empty_table()
     return Events(ev, at, sorted(bad))
 
 
@@ -217,7 +250,7 @@ def parse_proto_messages(messages: list[tuple[int, bytes]]) -> Events:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     ev_rows: dict[str, list] = {k: [] for k in _EV_SCHEMA}
-    at_rows: dict[str, list] = {k: [] for k in _ATTR_SCHEMA}
+    at_rows: dict[str, list] = {k: [] for k in _ATTR_SCHEMA.names}
     bad: list[tuple[int, str]] = []
     for number, blob in messages:
         req = ExportTraceServiceRequest()
@@ -245,7 +278,7 @@ def parse_proto_messages(messages: list[tuple[int, bytes]]) -> Events:
                             at_rows["i"].append(str(a.value.int_value) if kind == "int_value" else None)
                             at_rows["d"].append(a.value.double_value if kind == "double_value" else None)
                             at_rows["b"].append(a.value.bool_value if kind == "bool_value" else None)
-    return Events(pl.DataFrame(ev_rows, schema=_EV_SCHEMA), pl.DataFrame(at_rows, schema=_ATTR_SCHEMA), bad)
+    return Events(pl.DataFrame(ev_rows, schema=_EV_SCHEMA), pa.table(at_rows, schema=_ATTR_SCHEMA), bad)
 
 
 # --- typed attribute extraction -----------------------------------------------------------------
@@ -253,59 +286,79 @@ def parse_proto_messages(messages: list[tuple[int, bytes]]) -> Events:
 _KINDS = ("an empty AnyValue", "stringValue", "intValue", "doubleValue", "boolValue")
 
 
-def _typed(attrs: pl.DataFrame, keys: dict[str, tuple[str, str]], ev_ids: np.ndarray) -> pl.DataFrame:
+def _typed(attrs: pa.Table, keys: dict[str, tuple[str, str]], ev_ids: np.ndarray) -> pl.DataFrame:
     """Per event of ``ev_ids`` (in that order): each key's value as its column, plus ``<col>__err``
     (why a present value is unusable, else null). One pass: attribute rows are scattered into
-    (event x key) arrays by NumPy fancy indexing."""
+    (key x event) arrays by NumPy fancy indexing; the attribute rows stay in Arrow throughout."""
     names = list(keys)
     n, k = len(ev_ids), len(names)
-    sub = attrs.filter(pl.col("key").is_in(names))
-    pos = np.full(int(max(ev_ids.max(initial=-1), sub["ev"].max() or 0)) + 1, -1, dtype=np.int64)
+    code = pc.fill_null(pc.index_in(attrs.column("key"), value_set=pa.array(names, pa.string())), -1).to_numpy()
+    owner = attrs.column("ev").to_numpy()
+    pos = np.full(int(max(ev_ids.max(initial=-1), owner.max(initial=-1))) + 1, -1, dtype=np.int64)
     pos[ev_ids] = np.arange(n)
-    row = pos[sub["ev"].to_numpy()]
-    sub, row = sub.filter(pl.Series(row >= 0)), row[row >= 0]
-    code = sub["key"].cast(pl.Enum(names)).to_physical().to_numpy().astype(np.int64)
-    kind = sub.select(pl.when(pl.col("s").is_not_null()).then(1).when(pl.col("i").is_not_null()).then(2)
-                      .when(pl.col("d").is_not_null()).then(3).when(pl.col("b").is_not_null()).then(4)
-                      .otherwise(0).cast(pl.Int8).alias("k"))["k"].to_numpy()
-    ival = sub["i"].str.strip_chars().cast(pl.Int64, strict=False)
-    dval = sub["d"].fill_null(np.nan).to_numpy()
-    present = np.zeros((n, k), dtype=bool)
-    kinds = np.zeros((n, k), dtype=np.int8)
-    ints = np.zeros((n, k), dtype=np.int64)
-    int_ok = np.zeros((n, k), dtype=bool)
-    dbls = np.full((n, k), np.nan)
-    present[row, code] = True
-    kinds[row, code] = kind
-    ints[row, code] = ival.fill_null(0).to_numpy()
-    int_ok[row, code] = ival.is_not_null().to_numpy()
-    dbls[row, code] = dval
+    row = pos[owner]
+    hit = (code >= 0) & (row >= 0)
+    sub = attrs.select(["s", "i", "d", "b"])
+    if not hit.all():
+        sub, row, code = sub.filter(pa.array(hit)), row[hit], code[hit]
+    flat = code.astype(np.int64) * n + row  # position in the (key x event) arrays, flattened
+    valid = [pc.is_valid(sub.column(c)).to_numpy(zero_copy_only=False) for c in ("s", "i", "d", "b")]
+    ival = _ints(sub.column("i"))
+    present = np.zeros(k * n, dtype=bool)
+    kinds = np.zeros(k * n, dtype=np.int8)
+    ints = np.zeros(k * n, dtype=np.int64)
+    int_ok = np.zeros(k * n, dtype=bool)
+    present[flat] = True
+    kinds[flat] = np.select(valid, [1, 2, 3, 4], 0)
+    ints[flat] = pc.fill_null(ival, 0).to_numpy()
+    int_ok[flat] = pc.is_valid(ival).to_numpy(zero_copy_only=False)
+    present, kinds, ints, int_ok = (x.reshape(k, n) for x in (present, kinds, ints, int_ok))
+    if any(want == "float" for _, want in keys.values()):
+        dbls = np.full(k * n, np.nan)
+        dbls[flat] = pc.fill_null(sub.column("d"), np.nan).to_numpy()
+        dbls = dbls.reshape(k, n)
     out: dict[str, pl.Series] = {}
     for j, key in enumerate(names):
         col, want = keys[key]
-        kj, pj = kinds[:, j], present[:, j]
+        kj, pj, okj = kinds[j], present[j], int_ok[j]
         if want == "int":
-            value = pa.array(ints[:, j], mask=~(pj & (kj == 2) & int_ok[:, j]))
-            err = np.where(pj & (kj != 2), kj, np.where(pj & (kj == 2) & ~int_ok[:, j], 9, -1))
+            value = pa.array(ints[j], mask=~(pj & (kj == 2) & okj))
+            err = np.where(pj & (kj != 2), kj, np.where(pj & (kj == 2) & ~okj, 9, -1))
             exp = "intValue"
         elif want == "float":
-            as_int = ints[:, j].astype(np.float64)
-            ok = pj & ((kj == 3) | ((kj == 2) & int_ok[:, j]))
-            value = pa.array(np.where(kj == 3, dbls[:, j], as_int), mask=~ok)
-            err = np.where(pj & ~np.isin(kj, (2, 3)), kj, np.where(pj & (kj == 2) & ~int_ok[:, j], 9, -1))
+            ok = pj & ((kj == 3) | ((kj == 2) & okj))
+            value = pa.array(np.where(kj == 3, dbls[j], ints[j].astype(np.float64)), mask=~ok)
+            err = np.where(pj & ~np.isin(kj, (2, 3)), kj, np.where(pj & (kj == 2) & ~okj, 9, -1))
             exp = "doubleValue or intValue"
         else:
-            hit = sub.filter(pl.Series(code == j))
+            mine = code == j
             strs = np.full(n, None, dtype=object)
-            strs[row[code == j]] = hit["s"].to_list()
+            strs[row[mine]] = sub.column("s").filter(pa.array(mine)).to_pylist()
             value = pa.array(strs.tolist(), type=pa.string())
             err = np.where(pj & (kj != 1), kj, -1)
             exp = "stringValue"
         out[col] = pl.Series(col, value)
-        messages = {c: f"{key}: expected {exp}, got {_KINDS[c]}" for c in range(5)} | {9: f"{key}: intValue is not a number"}
-        out[f"{col}__err"] = pl.Series(f"{col}__err", err, dtype=pl.Int8).replace_strict(
-            messages, default=None, return_dtype=pl.String)
+        out[f"{col}__err"] = _messages(f"{col}__err", err, key, exp)
     return pl.DataFrame(out)
+
+
+def _messages(name: str, err: np.ndarray, key: str, exp: str) -> pl.Series:
+    """Error codes (-1 none, else a ``_KINDS`` index, 9 not a number) as messages; most columns of
+    most chunks have none, and skip the mapping."""
+    if not (err >= 0).any():
+        return pl.repeat(None, len(err), dtype=pl.String, eager=True).alias(name)
+    messages = {c: f"{key}: expected {exp}, got {_KINDS[c]}" for c in range(5)} | {9: f"{key}: intValue is not a number"}
+    return pl.Series(name, err, dtype=pl.Int8).replace_strict(messages, default=None, return_dtype=pl.String)
+
+
+def _ints(strings: pa.ChunkedArray) -> pa.Array:
+    """OTLP/JSON ``intValue`` strings as int64, null where not a number. Arrow's cast is the fast
+    path; only a chunk holding a bad value goes through Polars' lenient cast (blanks stripped)."""
+    try:
+        return pc.cast(strings, pa.int64()).combine_chunks()
+    except pa.ArrowInvalid:
+        lenient = pl.Series(strings.combine_chunks()).str.strip_chars().cast(pl.Int64, strict=False)
+        return lenient.to_arrow()
 
 
 def _first_error(cols: list[str]) -> pl.Expr:

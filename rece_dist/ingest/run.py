@@ -1,7 +1,9 @@
 """``rece ingest``: convert trace files into a store, streaming, as Ray tasks, idempotently.
 
 Per source file: hash it (its identity), skip it if its ledger exists, then stream it in chunks
-of about ``chunk_bytes`` cut at record boundaries; each chunk is one Ray task that parses it,
+of about ``chunk_bytes`` cut at record boundaries (a local uncompressed OTLP/JSON file is hashed
+and cut in the same pass, and each task reads its own byte range, so its bytes never travel
+through the driver or the object store); each chunk is one Ray task that parses it,
 writes its ``steps`` (or client-side ``requests``) rows into part files named by the source hash
 and the chunk, its bad rows into the quarantine table, and a chunk marker. At most two chunks
 per CPU are in flight, so memory is bounded by the chunk size whatever the file size. For OTLP,
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from ..config import Catalog, DeploymentConfig, load_config_file
@@ -164,6 +167,8 @@ def _finish_chunk(store: Store, src: str, chunk: int | str, source: str, quarant
 def convert_chunk(store: Store, src: str, source: str, opts: IngestOptions, routes: dict[str | None, str],
                   index: int, first: int, head: bytes, payload: Any) -> dict[str, Any]:
     """One Ray task: parse one chunk and write what it yields (``store`` carries its S3 settings)."""
+    if isinstance(payload, sources.ByteRange):
+        payload = payload.read()
     if opts.fmt == "otlp":
         events = otlp.parse_proto_messages(payload) if opts.encoding == "proto" else otlp.parse_json_lines(payload, first)
         cut = otlp.cut_steps(events, source)
@@ -201,8 +206,10 @@ def _chunks(source: sources.Source, opts: IngestOptions):
         from .inference_perf import record_chunks
 
         yield from record_chunks(source, opts.chunk_bytes)
-    else:
-        yield from sources.line_chunks(source, opts.chunk_bytes, header=opts.fmt == "tracev2")
+    else:  # the chunk is a view of a reused buffer, copied once into the object store by task.remote;
+        # as a uint8 array Ray hands it to the task without copying it again
+        for index, first, head, data in sources.line_chunks(source, opts.chunk_bytes, header=opts.fmt == "tracev2"):
+            yield index, first, head, np.frombuffer(data, dtype=np.uint8) if opts.fmt == "otlp" else bytes(data)
 
 
 def ingest(inputs: list[str], store_uri: str, config_specs: list[str], opts: IngestOptions) -> list[FileSummary]:
@@ -229,7 +236,8 @@ def ingest(inputs: list[str], store_uri: str, config_specs: list[str], opts: Ing
     task = ray.remote(num_cpus=1, max_retries=0)(convert_chunk)
     out = []
     for source in found:
-        sha = sources.digest(source)
+        indexed = sources.index_lines(source, opts.chunk_bytes) if opts.fmt == "otlp" and opts.encoding == "json" else None
+        sha = indexed[0] if indexed else sources.digest(source)
         src = sha[:16]
         done = writer.read_json_or_none(store, writer.ledger_path(src))
         if done is not None:
@@ -243,7 +251,9 @@ def ingest(inputs: list[str], store_uri: str, config_specs: list[str], opts: Ing
             file_opts = dataclasses.replace(opts, time_origin_ns=header_origin(source.path))
         results: list[Any] = []
         pending: list[Any] = []
-        for index, first, head, payload in _chunks(source, opts):
+        chunks = (((i, first, b"", r) for i, (r, first) in enumerate(zip(indexed[1], indexed[2]))) if indexed
+                  else _chunks(source, opts))
+        for index, first, head, payload in chunks:
             marker = writer.read_json_or_none(store, writer.chunk_marker(src, index))
             if marker is not None:
                 results.append(marker)

@@ -89,32 +89,73 @@ def _raw(src: Source) -> IO[bytes]:
 
 
 def digest(src: Source) -> str:
-    """SHA-256 of the stored bytes (one streaming pass)."""
+    """SHA-256 of the stored bytes (one streaming pass through one reused buffer: a fresh block per
+    read would cost as much in page faults as the hash itself)."""
     h = hashlib.sha256()
+    block = memoryview(bytearray(_READ))
     with _raw(src) as f:
-        while block := f.read(_READ):
-            h.update(block)
+        while n := _read_into(f, block):
+            h.update(block[:n])
     return h.hexdigest()
+
+
+def codec(src: Source) -> str | None:
+    """The compression of ``src`` from its magic bytes (``gzip``, ``zstd``), or None."""
+    with _raw(src) as raw:
+        head = raw.read(4)
+    return next((c for m, c in _MAGIC.items() if head.startswith(m)), None)
 
 
 def open_decoded(src: Source) -> IO[bytes]:
     """The decompressed byte stream of ``src``."""
-    raw = _raw(src)
-    head = raw.read(4)
-    codec = next((c for m, c in _MAGIC.items() if head.startswith(m)), None)
-    raw.close()
+    kind = codec(src)
     stream = _raw(src)
-    return pa.CompressedInputStream(stream, codec) if codec else stream
+    return pa.CompressedInputStream(stream, kind) if kind else stream
 
 
-def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator[tuple[int, int, bytes, bytes]]:
+@dataclass(frozen=True)
+class ByteRange:
+    """A chunk of a local uncompressed file, which the task that parses it reads itself."""
+
+    source: Source
+    offset: int
+    length: int
+
+    def read(self) -> pa.Buffer:
+        with self.source.fs.open_input_file(self.source.path) as f:
+            return f.read_at(self.length, self.offset)
+
+
+def index_lines(src: Source, chunk_bytes: int) -> tuple[str, list[ByteRange], list[int]] | None:
+    """For a local uncompressed file: its SHA-256, the byte ranges of the chunks :func:`line_chunks`
+    cuts and their first line numbers, from one read (the hash pass is the chunking pass; the
+    tasks then read their own range, so no chunk goes through the driver); None for other files."""
+    if src.is_s3:
+        return None
+    with src.fs.open_input_file(src.path) as f:  # as stored (open_input_stream decompresses by extension)
+        if any(f.read(4).startswith(m) for m in _MAGIC):
+            return None
+    h = hashlib.sha256()
+    ranges, firsts, offset = [], [], 0
+    for _, first, _, data in line_chunks(src, chunk_bytes):
+        h.update(data)
+        ranges.append(ByteRange(src, offset, len(data)))
+        firsts.append(first)
+        offset += len(data)
+    return h.hexdigest(), ranges, firsts
+
+
+def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator[tuple[int, int, bytes, memoryview]]:
     """``(index, first line number, header line, bytes of whole lines)`` of about ``chunk_bytes`` each.
 
     With ``header`` the file's first line (a CSV header) is returned with every chunk and not in any.
+    The chunk is a view of one buffer that every chunk reuses (only the partial line at a chunk's
+    end is moved, to the front): copy what is kept past the next chunk (``ray.put`` does). Fresh
+    chunk-sized buffers would cost more in page faults than reading the bytes.
     """
     with open_decoded(src) as f:
         head = b""
-        buf = b""
+        carry = b""
         line_no = 1
         if header:
             first = b""
@@ -123,38 +164,56 @@ def line_chunks(src: Source, chunk_bytes: int, header: bool = False) -> Iterator
                 if not block:
                     break
                 first += block
-            head, _, buf = first.partition(b"\n")
+            head, _, carry = first.partition(b"\n")
             line_no = 2
-        index, eof = 0, False
+        buf = bytearray(max(chunk_bytes, len(carry)))
+        have = len(carry)
+        buf[:have] = carry
+        index = 0
         while True:
-            while not eof and len(buf) < chunk_bytes:
-                block = f.read(_READ)
-                eof = not block
-                buf += block
-            if not buf:
+            capacity = max(chunk_bytes, have)
+            end = have + (_read_into(f, memoryview(buf)[have:capacity]) if capacity > have else 0)
+            if not end:
                 return
-            if eof and len(buf) <= chunk_bytes:
-                data, buf = buf, b""
-            else:
-                cut = buf.rfind(b"\n", 0, chunk_bytes)
-                while cut < 0:  # one line longer than a chunk: read to its end
-                    cut = buf.find(b"\n", chunk_bytes)
-                    if cut >= 0 or eof:
-                        break
-                    block = f.read(_READ)
-                    eof = not block
-                    buf += block
-                data, buf = (buf, b"") if cut < 0 else (buf[: cut + 1], buf[cut + 1:])
+            eof = end < capacity
+            cut = end - 1 if eof else buf.rfind(b"\n", 0, chunk_bytes)
+            if cut < 0:
+                cut = buf.find(b"\n", chunk_bytes, end)
+            while cut < 0:  # one line longer than a chunk: read to its end
+                block = f.read(_READ)
+                if not block:
+                    eof, cut = True, end - 1
+                    break
+                nl = block.find(b"\n")
+                cut = end + nl if nl >= 0 else -1
+                buf = bytearray(buf[:end]) + block  # a new buffer: the caller may still hold a view of the old
+                end = len(buf)
+            data = memoryview(buf)[:cut + 1]
             if index == 0:
                 _check_text(data, src)
             yield index, line_no, head, data
-            line_no += data.count(b"\n")
+            line_no += buf.count(b"\n", 0, cut + 1)
             index += 1
+            if eof:
+                return
+            have = end - cut - 1
+            buf[:have] = buf[cut + 1:end]
 
 
-def _check_text(data: bytes, src: Source) -> None:
+def _read_into(f: IO[bytes], view: memoryview) -> int:
+    """Fill ``view`` from ``f``; fewer bytes only at the end of the stream."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _check_text(data: memoryview, src: Source) -> None:
     """Fail early on binary input handed to a text format (a protobuf file read as JSON lines)."""
-    if b"\x00" in data[:4096]:
+    if b"\x00" in bytes(data[:4096]):
         raise IngestError(f"{src.uri}: binary data where text was expected (an OTLP protobuf file? use --encoding proto)")
 
 
