@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--fold-only", action="store_true", help="only the one-fold breakdown")
     args = ap.parse_args()
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     store = args.store or f"bench/out/store-{args.configs}x{args.steps}-seed1"
     if not Store(store).exists():
         generate_store(store, args.configs, args.steps, seed=1)

@@ -6,7 +6,7 @@ of the process (data included: X alone is n*p*8 bytes) and the objective, evalua
 formula for every method.  Methods:
 
   ours        rece_dist.quantile.fit_quantile (cvxpy + HiGHS, staged Portnoy-Koenker reduction)
-  sharded     rece_dist.quantile.fit_quantile_sharded over 4 Ray shards (ray.init(num_cpus=2));
+  sharded     rece_dist.quantile.fit_quantile_sharded over 4 Ray shards (ray.init(address="local", num_cpus=2));
               time excludes ray.init and ray.put; RSS is the driver's only
   reference   bench/reference_fn.py: numpy port of R quantreg rq.fit.pfn + rq.fit.fnb
   statsmodels statsmodels QuantReg (IRLS; approximate, max_iter=1000)
@@ -86,7 +86,7 @@ def worker(method: str, n: int, seed: int) -> dict:
 
         from rece_dist.quantile import fit_quantile_sharded
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         cuts = np.linspace(0, n, 5).astype(int)
         refs = [ray.put((X[a:b], y[a:b], np.ones(b - a))) for a, b in zip(cuts, cuts[1:])]
         t = time.perf_counter()

@@ -124,7 +124,7 @@ def main() -> None:
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     store_uri = args.store or f"bench/out/scale-{args.configs}x{rows // args.configs}"
     sampler = WorkerPeaks()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     table = []
     if not Store(store_uri).exists():
         t = time.monotonic()

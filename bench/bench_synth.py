@@ -39,7 +39,7 @@ def main() -> None:
         shutil.rmtree(out)
     cpus = os.cpu_count() or 1
     t_ray = time.monotonic()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray_start = time.monotonic() - t_ray
     t0 = time.monotonic()
     summary = generate_store(str(out), args.configs, args.rows // args.configs, args.seed, args.days)

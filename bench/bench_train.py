@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--store", default=None)
     args = ap.parse_args()
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     store = args.store or f"bench/out/store-{args.configs}x{args.steps}"
     if not Store(store).exists():
         t = time.monotonic()

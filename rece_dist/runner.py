@@ -29,7 +29,7 @@ def connect_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)  # never a stray `ray start` cluster
     # ray.init makes SIGTERM a bare sys.exit; ``ray job stop`` and a pod's eviction send it, and
     # they should end the run like Ctrl-C does: unwound, with the CLI's one line.
     if threading.current_thread() is threading.main_thread():

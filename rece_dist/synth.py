@@ -20,6 +20,7 @@ ends has neither. ``output_tokens`` counts the tokens generated so far.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import date as Date, datetime, timezone
@@ -401,7 +402,7 @@ def generate_store(
         store.write_config(cfg)
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     task = ray.remote(num_cpus=1)(_synth_config)
     t0 = time.monotonic()
     pending = [task.remote(uri, cfg, i, seed, steps_per_config, days, start_date, fmt) for i, cfg in enumerate(configs)]

@@ -84,7 +84,7 @@ def reference(tmp_path_factory) -> Reference:
     """A synthetic store and the version one single-node Ray publishes from it."""
     base = tmp_path_factory.mktemp("cluster")
     store, root = str(base / "store"), str(base / "single-node")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         generate_store(store, n_configs=4, steps_per_config=40_000, seed=1, days=2)
         version = api.train(store, publish_to=root, max_regression=None, **SETTINGS).version

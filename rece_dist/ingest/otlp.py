@@ -23,7 +23,6 @@ from which each table is cut with vectorised Polars expressions:
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -231,7 +231,7 @@ def ingest(inputs: list[str], store_uri: str, config_specs: list[str], opts: Ing
         store.write_config(cfg)
     routes = {k: v.config_id for k, v in routes_cfg.items()}
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     in_flight = max(2, 2 * int(ray.available_resources().get("CPU", 1)))
     task = ray.remote(num_cpus=1, max_retries=0)(convert_chunk)
     out = []
