@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import os
 import time
 
 import ray
@@ -26,8 +25,8 @@ from rece_dist.evaluate import protocol_folds
 from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble, train
 from rece_dist.refit import fit_labels
 from rece_dist.review import review_artifact
-from rece_dist.store import Store
-from rece_dist.synth import generate_store
+
+from common import local_ray, store_at
 
 
 def task_seconds() -> dict[str, float]:
@@ -64,11 +63,8 @@ def main() -> None:
     ap.add_argument("--store", default=None)
     ap.add_argument("--fold-only", action="store_true", help="only the one-fold breakdown")
     args = ap.parse_args()
-    cpus = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    store = args.store or f"bench/out/store-{args.configs}x{args.steps}-seed1"
-    if not Store(store).exists():
-        generate_store(store, args.configs, args.steps, seed=1)
+    cpus = local_ray()
+    store = store_at(args.store or f"bench/out/store-{args.configs}x{args.steps}-seed1", args.configs, args.steps)
     settings = TrainSettings()
     print(f"machine: {cpus} CPUs; store: {store}")
     one_fold(store, settings)

@@ -27,7 +27,8 @@ from rece_dist.featurecache import PREFIX, read_counts
 from rece_dist.objstore import ObjectRoot
 from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble
 from rece_dist.store import Store
-from rece_dist.synth import generate_store
+
+from common import local_ray, store_at
 
 START = "2026-11-01"
 
@@ -53,13 +54,9 @@ def main() -> None:
     ap.add_argument("--specialists", type=int, default=4)
     ap.add_argument("--store", default=None)
     args = ap.parse_args()
-    cpus = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    store = args.store or f"bench/out/nightly-{args.configs}x{args.steps}"
-    if not Store(store).exists():
-        t = time.monotonic()
-        generate_store(store, args.configs, args.steps, seed=1, days=8, start_date=START)
-        print(f"generated {store} in {time.monotonic() - t:.1f} s")
+    cpus = local_ray()
+    store = store_at(args.store or f"bench/out/nightly-{args.configs}x{args.steps}", args.configs, args.steps,
+                     days=8, start_date=START)
     settings = TrainSettings(specialists=args.specialists)
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "models")

@@ -11,15 +11,13 @@ cores never idle; above 100% tasks were time-sliced (another process shared the 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
-import ray
 
 from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble
-from rece_dist.store import Store
-from rece_dist.synth import generate_store
+from common import local_ray, store_at
+
 
 
 def main() -> None:
@@ -32,13 +30,8 @@ def main() -> None:
                     help="share of non-member configurations in each specialist's fit (0: members only)")
     ap.add_argument("--store", default=None)
     args = ap.parse_args()
-    cpus = os.cpu_count() or 1
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    store = args.store or f"bench/out/store-{args.configs}x{args.steps}"
-    if not Store(store).exists():
-        t = time.monotonic()
-        generate_store(store, args.configs, args.steps, seed=1, days=2)
-        print(f"generated {store} in {time.monotonic() - t:.1f} s")
+    cpus = local_ray()
+    store = store_at(args.store or f"bench/out/store-{args.configs}x{args.steps}", args.configs, args.steps, days=2)
     settings = TrainSettings(specialists=args.specialists, solver=args.solver, borrow=args.borrow)
     t = time.monotonic()
     fs = featurize_store(store, settings)
