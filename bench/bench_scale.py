@@ -141,7 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rece-scale-") as out:
         t = time.monotonic()
         settings = TrainSettings(specialists=args.specialists)
-        train_and_publish(store_uri, out, settings, max_regression=None, timings=timings)
+        result, _ = train_and_publish(store_uri, out, settings, max_regression=None, timings=timings)
         e2e = time.monotonic() - t
     driver_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     worker_mib, worker_cmd = sampler.largest_worker_mib()
@@ -175,7 +175,12 @@ def main() -> None:
     for label, s, rate in table:
         print(f"| {label} | {s:.1f} | {rate:,.0f} |")
     print(f"LP fits: {len(timings['lp_seconds'])}, median {np.median(timings['lp_seconds']):.1f} s, "
-          f"largest {max(timings['lp_rows']):,} rows")
+          f"largest {max(timings['lp_rows']):,} rows; slowest: " + ", ".join(
+              f"{s:.0f} s on {n:,} rows" for s, n in sorted(zip(timings["lp_seconds"], timings["lp_rows"]))[-3:]))
+    solved = [(f["rows_solved"], sp["rows"][t], t, f["tau"]) for sp in result.artifact["specialists"]
+              for t in sp["fit"] for f in sp["fit"][t]]
+    print("rows in the final LP (rows_solved / the members' rows; borrowed rows come on top), largest three: " + ", ".join(
+        f"{t} P{100 * q:g} {a:,}/{b:,}" for a, b, t, q in sorted(solved)[-3:]))
     print(f"peak RSS: driver {driver_mib:,.0f} MiB (before the limit phase); largest worker {worker_mib:,.0f} MiB "
           f"({worker_cmd[:40]})")
     if limit is not None:
