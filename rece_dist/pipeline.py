@@ -322,9 +322,9 @@ def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int
     return {"method": "grouped cross-validation over configurations", "folds": n, "factors": factors, "groups": groups}
 
 
-def predict_shards(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows: str = "holdout",
-                   top_k: int | None = None, temperature: float | None = None) -> list[dict[str, Any]]:
-    """Per shard and target: (y, predicted quantiles, rows rearranged) from the artifact's model.
+def score_refs(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows: str = "holdout",
+               top_k: int | None = None, temperature: float | None = None) -> list[ray.ObjectRef]:
+    """One ``evaluate_shard`` task per shard; the predictions stay in the object store.
 
     ``rows`` is ``"holdout"`` (the held-out slice, for seen configurations) or ``"all"``
     (every row, for configurations or dates the fit never saw).
@@ -332,8 +332,15 @@ def predict_shards(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows:
     if rows not in ("holdout", "all"):
         raise ValueError("rows must be 'holdout' or 'all'")
     doc_ref = ray.put(doc)
-    return gather([evaluate_shard.remote(doc_ref, fs.shard_refs[i], fs.configs[fs.stats[i].config_id], rows == "all",
-                                         top_k, temperature) for i in shards], "evaluation")
+    return [evaluate_shard.remote(doc_ref, fs.shard_refs[i], fs.configs[fs.stats[i].config_id], rows == "all",
+                                  top_k, temperature) for i in shards]
+
+
+def predict_shards(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows: str = "holdout",
+                   top_k: int | None = None, temperature: float | None = None) -> list[dict[str, Any]]:
+    """Per shard and target: (y, predicted quantiles, rows rearranged) from the artifact's model,
+    fetched to the caller (``score_refs`` for what ``rows`` selects)."""
+    return gather(score_refs(doc, fs, shards, rows, top_k, temperature), "evaluation")
 
 
 def train(store_uri: str, settings: TrainSettings, s3: S3Options | None = None,
@@ -428,9 +435,7 @@ def _held_out_metrics(doc: dict[str, Any], fs: FeatureSet, settings: TrainSettin
     The driver holds only the metric dicts, whatever the row count; one task per (target,
     group) pools that group's held-out predictions (a tenth of its rows by default)."""
     shards = list(range(len(fs.stats)))
-    doc_ref = ray.put(doc)
-    outs = [evaluate_shard.remote(doc_ref, fs.shard_refs[i], fs.configs[fs.stats[i].config_id], False, None, None)
-            for i in shards]
+    outs = score_refs(doc, fs, shards)
     spec_of = {c: v["specialist"] for c, v in doc["configurations"].items()}
     groups: dict[str, list[int]] = {"all": shards}
     for i in shards:
