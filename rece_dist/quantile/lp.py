@@ -106,13 +106,15 @@ class _DualLP:
     (unpenalised columns) or within +-lam of it (penalised columns), lo <= a_k <= hi, mu >= 0,
     with costs c = (y - X g) / s (see `_cost_shift_scale`; `coefs` undoes it).
 
-    One block (K=1, no mu) is the ordinary quantile-regression dual.  Bounds and right-hand
-    sides are cvxpy Parameters so fix-up rounds and other taus re-solve the same compiled
+    One block (K=1, no mu) is the ordinary quantile-regression dual.  ``blocks`` (index arrays
+    into X, one per block) gives each block its own rows as columns; by default every block
+    has every row.  Bounds and right-hand sides are cvxpy Parameters so fix-up rounds and other taus re-solve the same compiled
     problem (warm start); X and y are constants (a Parameter matrix costs more per solve than
     compiling afresh, measured)."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, pen: np.ndarray, lams: Sequence[float],
-                 solver: str, solver_options: dict | None, cross: Sequence[np.ndarray] = ()):
+                 solver: str, solver_options: dict | None, cross: Sequence[np.ndarray] = (),
+                 blocks: Sequence[np.ndarray] | None = None):
         import cvxpy as cp
 
         self.cp = cp
@@ -125,13 +127,14 @@ class _DualLP:
         self.solver_options = dict(solver_options or {})
         self.fallbacks: list[str] = []   # routes other than the primary that produced a result
         self.X, self.y = X, y
-        self.lo = [cp.Parameter(m, name=f"lo{k}") for k in range(K)]
-        self.hi = [cp.Parameter(m, name=f"hi{k}") for k in range(K)]
+        self.blocks = [slice(None)] * K if blocks is None else [np.asarray(b) for b in blocks]
+        size = [m if blocks is None else len(b) for b in self.blocks]
+        self.lo = [cp.Parameter(size[k], name=f"lo{k}") for k in range(K)]
+        self.hi = [cp.Parameter(size[k], name=f"hi{k}") for k in range(K)]
         self.rhs = [cp.Parameter(p, name=f"rhs{k}") for k in range(K)]
-        self.a = [cp.Variable(m, bounds=[self.lo[k], self.hi[k]], name=f"a{k}") for k in range(K)]
+        self.a = [cp.Variable(size[k], bounds=[self.lo[k], self.hi[k]], name=f"a{k}") for k in range(K)]
         self.mu = [cp.Variable(len(c), nonneg=True, name=f"mu{k}") if len(c) else None
                    for k, c in enumerate(cross)]
-        XT = np.ascontiguousarray(X.T)
         U = np.flatnonzero(~pen)
         P = np.flatnonzero(pen)
         self.U, self.P = U, P
@@ -141,7 +144,7 @@ class _DualLP:
         self.cons_eq, self.cons_up, self.cons_lo = [], [], []
         cons = []
         for k in range(K):
-            expr = XT @ self.a[k]
+            expr = np.ascontiguousarray(X[self.blocks[k]].T) @ self.a[k]
             if k < len(self.mu) and self.mu[k] is not None:
                 expr = expr - X[cross[k]].T @ self.mu[k]
             if k >= 1 and k - 1 < len(self.mu) and self.mu[k - 1] is not None:
@@ -159,7 +162,7 @@ class _DualLP:
                 cons += [cu, cl]
             self.cons_eq.append((eqi, ce))
             self.cons_up.append((pi, cu, cl))
-        self.problem = cp.Problem(cp.Maximize(sum(cost @ self.a[k] for k in range(K))), cons)
+        self.problem = cp.Problem(cp.Maximize(sum(cost[self.blocks[k]] @ self.a[k] for k in range(K))), cons)
         self.lam0 = float(lams[0])
         self.solves = 0
 
@@ -321,4 +324,5 @@ def _direct_lp(X, y, w, tau, pen, lam, solver, solver_options, lp: _DualLP | Non
 
 def _dual_value(lp: _DualLP, k: int, tau: float, Y_hi_out: float, Y_lo_out: float) -> float:
     a = lp.avalue(k)
-    return float(lp.y @ a - (1.0 - tau) * (lp.y @ lp.w) + tau * Y_hi_out - (1.0 - tau) * Y_lo_out)
+    y, w = lp.y[lp.blocks[k]], lp.w[lp.blocks[k]]
+    return float(y @ a - (1.0 - tau) * (y @ w) + tau * Y_hi_out - (1.0 - tau) * Y_lo_out)

