@@ -20,16 +20,20 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def gather(refs: Sequence[ray.ObjectRef], label: str, every_s: float = 2.0) -> list[Any]:
-    """``ray.get`` in submission order, printing ``label: done/total`` as tasks finish."""
+def gather(refs: Sequence[ray.ObjectRef], label: str, every_s: float = 2.0,
+           heartbeat_s: float = 30.0) -> list[Any]:
+    """``ray.get`` in submission order, printing ``label: done/total`` as tasks finish: at most
+    every ``every_s`` while the count moves, every ``heartbeat_s`` while it does not (a job log
+    of long fits should not repeat the same line every two seconds)."""
     pending = list(refs)
-    total, t0, last = len(pending), time.monotonic(), 0.0
+    total, t0, last, shown = len(pending), time.monotonic(), 0.0, -1
     while pending:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=every_s)
         now = time.monotonic()
-        if pending and now - last >= every_s:
-            log(f"  {label}: {total - len(pending)}/{total} done ({now - t0:.0f} s)")
-            last = now
+        done = total - len(pending)
+        if pending and now - last >= (every_s if done != shown else heartbeat_s):
+            log(f"  {label}: {done}/{total} done ({now - t0:.0f} s)")
+            last, shown = now, done
     try:
         out = ray.get(list(refs))
     except ray.exceptions.RayTaskError as exc:

@@ -153,7 +153,7 @@ def test_last_band_fixes_up_instead_of_solving_every_row(medium, case):
     else:
         X, y, w = rare_event_borrowed()
         full = fit_quantile(X, y, 0.9, weights=w, reduce="never")
-    opts = ReduceOptions(z_inner=1.0, z_outer=1.6, max_widen=0, first_stage_rows=300, min_free=30)
+    opts = ReduceOptions(z_inner=1.0, z_outer=1.6, max_widen=1, first_stage_rows=300, min_free=30)
     fit = fit_quantile(X, y, 0.9, weights=w, reduce=opts)
     assert fit.rounds >= 2 and fit.n_solved_rows < len(y) / 4
     assert rel(fit.objective, full.objective) <= 1e-9
