@@ -78,7 +78,7 @@ class ReduceOptions:
     min_free: int = 400           # at least this many free LP rows per stage (and >= 10 p)
     max_rounds: int = 8           # fix-up rounds per band before doubling it
     max_widen: int = 4            # band doublings before the exact fallback
-    max_tilts: int = 8            # band tilts along unbounded directions per stage (on top)
+    max_tilts: int = 8            # tilts along rare-feature rays per stage, besides max_widen
     pilot_rows: int = 200_000     # rows whose scaled residuals place the band of the next stage
     first_stage_rows: int | None = None  # override the first subset size (tests)
 
