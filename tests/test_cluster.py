@@ -153,7 +153,9 @@ class TestMultiNode:
 
         by_name = _wait_for(nodes_by_stage, 30, "every stage's task records", every=1.0)
         assert set().union(*by_name.values()) == workers  # both workers, never the CPU-less head
-        assert len(by_name["fit"]) == 2
+        # the fit stage (prepare, LPs, non-crossing) on both workers; which node takes the LPs
+        # themselves is Ray's locality-aware choice (where their prepared rows are), not ours
+        assert set().union(*(by_name[s] for s in ("prepare", "fit", "uncross"))) == workers
 
     def test_killed_fit_worker_is_retried_to_the_same_artifact(self, reference, tmp_path):
         seen = {t.task_id for t in _tasks()}
