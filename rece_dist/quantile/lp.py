@@ -108,9 +108,9 @@ class _DualLP:
 
     One block (K=1, no mu) is the ordinary quantile-regression dual.  ``blocks`` (index arrays
     into X, one per block) gives each block its own rows as columns; by default every block
-    has every row.  Bounds and right-hand sides are cvxpy Parameters so fix-up rounds and other taus re-solve the same compiled
-    problem (warm start); X and y are constants (a Parameter matrix costs more per solve than
-    compiling afresh, measured)."""
+    has every row.  Bounds and right-hand sides are cvxpy Parameters so fix-up rounds and
+    other taus re-solve the same compiled problem (warm start); X and y are constants (a
+    Parameter matrix costs more per solve than compiling afresh, measured)."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, pen: np.ndarray, lams: Sequence[float],
                  solver: str, solver_options: dict | None, cross: Sequence[np.ndarray] = (),
