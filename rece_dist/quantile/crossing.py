@@ -99,6 +99,7 @@ def _resolve_validated(X, y, w, fits, pen, l1, solver, solver_options, max_round
     # side of each row per quantile (for rows outside its window): +1 above the fit, -1 below
     side = np.where(R0 < 0, 1, -1).astype(np.int8)   # R0 = pred - y < 0  <=> residual > 0
     ymax = float(np.abs(y).max())
+    Sx = w @ X  # every row's sum; each block's right-hand side subtracts its rows globbed above
     rounds = 0
     fallbacks: list[str] = []
     while True:
@@ -121,7 +122,7 @@ def _resolve_validated(X, y, w, fits, pen, l1, solver, solver_options, max_round
             Yhi.append(float(w[hi_out] @ y[hi_out]))
             Ylo.append(float(w[lo_out] @ y[lo_out]))
             wk = lp.w[blocks[k]]
-            lp.set(k, np.zeros(wk.size), wk, (1.0 - t) * (w @ X) - w[hi_out] @ X[hi_out])
+            lp.set(k, np.zeros(wk.size), wk, (1.0 - t) * Sx - w[hi_out] @ X[hi_out])
         n_free = sum(b.size for b in blocks)
         status = lp.solve(n_free, warm=False)
         fallbacks += lp.fallbacks

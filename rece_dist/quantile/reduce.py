@@ -149,12 +149,13 @@ class _Reducer:
         direction that few of the returned rows carry: on pooled configurations the rays of
         the final stage are dense (every row carries them) and tilt after tilt did not help
         (a 1,126,281-row alpha P50 fit: 17 tilts, 79 s; doubling the band instead: 11 s)."""
-        carried = np.abs(rows @ d)
+        rd = rows @ d
+        carried = np.abs(rd)
         if rows.shape[0] and (carried > 1e-9 * carried.max()).mean() > _TILT_MAX_CARRY:
             return False  # a direction of most rows: the whole band is too narrow, double it
         V = self.Linv.T @ self.Linv
         Z = rows @ self.Linv.T
-        t = (rows @ d) ** 2 / np.maximum(np.einsum("ij,ij->i", Z, Z), 1e-300)
+        t = rd ** 2 / np.maximum(np.einsum("ij,ij->i", Z, Z), 1e-300)
         t = t[t > 1e-12 * max(float(t.max(initial=0.0)), 1e-300)]
         if t.size:
             base = float(np.median(t))
