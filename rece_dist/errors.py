@@ -17,6 +17,10 @@ class StoreError(ReceError):
     """A store cannot be read or written (missing, empty, unreachable, denied)."""
 
 
+class ClusterError(ReceError):
+    """The Ray cluster cannot run a stage (a shard larger than any node's memory, say)."""
+
+
 class SolverError(ReceError):
     """An LP solve did not reach an optimal status."""
 

@@ -17,7 +17,10 @@ RETRIES = 3
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """One line to stderr in one write: ``print`` writes the text and its newline apart, so two
+    threads (evaluation fits run from a pool) could join their lines into one."""
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
 
 
 def gather(refs: Sequence[ray.ObjectRef], label: str, every_s: float = 2.0,

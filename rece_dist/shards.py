@@ -17,7 +17,7 @@ import polars as pl
 import ray
 
 from .config import DeploymentConfig
-from .errors import StoreError
+from .errors import ClusterError, StoreError
 from .features import (FEATURES, REQUEST_READ, STEP_READ, alpha_target, attach_load, beta_target, feature_matrix,
                        holdout_mask)
 from .featurecache import CacheEntry, FeatureCache, through_cache
@@ -26,6 +26,12 @@ from .settings import TrainSettings
 from .store import Partition, S3Options, Store
 
 TARGETS = ("alpha", "beta")
+
+# Peak memory of one featurize task per byte of stored Parquet: the Polars frame of the read
+# columns, the feature matrices and their temporaries (measured on generated partitions of 2.8-3.2 M
+# rows: 12-16x; the shard it returns is 5-6x). Each task reserves this much of Ray's ``memory``
+# resource, so a node never runs more shard reads at once than its memory holds.
+FEATURIZE_BYTES_PER_STORED_BYTE = 16
 
 
 @dataclass
@@ -129,6 +135,37 @@ def _pair_partitions(store: Store, settings: TrainSettings) -> list[tuple[Partit
     return [(steps.get(k), reqs.get(k)) for k in sorted(set(steps) | set(reqs))]
 
 
+def featurize_memory(steps: Partition | None, requests: Partition | None) -> int:
+    """Bytes a featurize task may need for this shard, from its stored size (free with the listing)."""
+    return FEATURIZE_BYTES_PER_STORED_BYTE * sum(p.size_bytes for p in (steps, requests) if p is not None)
+
+
+def _check_memory(pairs: list[tuple[Partition | None, Partition | None]], need: list[int],
+                  configs: dict[str, DeploymentConfig]) -> None:
+    """Fail before any read when the largest shard needs more memory than any live node has.
+
+    Why: a task that asks for more of Ray's ``memory`` resource than every node offers is never
+    scheduled (the job waits forever), and one that does not ask is killed by Ray's memory
+    monitor, retried, and ends with a traceback that names no shard."""
+    nodes = [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
+    have = max(nodes, default=0.0)
+    k = max(range(len(pairs)), key=need.__getitem__)
+    if need[k] > have:
+        s, r = pairs[k]
+        part = s or r
+        assert part is not None
+        stored = sum(p.size_bytes for p in (s, r) if p is not None)
+        raise ClusterError(
+            f"shard {part.config_id}/{part.date} ({configs[part.config_id].label}) is {_bytes(stored)} of Parquet "
+            f"and needs about {_bytes(need[k])} of memory to featurize; the largest node of this Ray cluster "
+            f"offers {_bytes(have)} (its 'memory' resource, {len(nodes)} node(s)). Give the workers more memory, "
+            "or write that configuration's traces in smaller date partitions")
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
 def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | None = None,
                     cache_root: str | None = None) -> FeatureSet:
     """Featurize each shard of the settings' date window in a Ray task (cached under ``cache_root`` if given)."""
@@ -147,9 +184,12 @@ def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | Non
         raise StoreError(f"{store_uri}: partitions of unknown configuration(s) {', '.join(unknown)}: "
                          "no configs/<id>.json documents them")
     log(f"[rece] {store_uri}: {len(ids)} configurations, {len(pairs)} shards")
+    need = [featurize_memory(s, r) for s, r in pairs]
+    _check_memory(pairs, need, configs)
     cache = FeatureCache(cache_root, settings.holdout_every, (read_shard,)) if cache_root else None
-    refs = [featurize.remote(store.uri, store.s3, configs[(s or r).config_id], s, r, settings.holdout_every,
-                             cache and cache.entry(configs[(s or r).config_id], s, r)) for s, r in pairs]
+    refs = [featurize.options(memory=m).remote(store.uri, store.s3, configs[(s or r).config_id], s, r,
+                                               settings.holdout_every, cache and cache.entry(configs[(s or r).config_id], s, r))
+            for (s, r), m in zip(pairs, need)]
     stats: list[ShardStats] = gather([st for st, _ in refs], "features")
     for cid in ids:
         for t in TARGETS:

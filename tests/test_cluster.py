@@ -224,6 +224,40 @@ class TestMultiNode:
         _wait_for(lambda: rerun("featurize"), 30, "a lost shard's featurize re-run")
 
 
+def test_a_shard_larger_than_every_node_fails_before_any_read_naming_it(reference, tmp_path):
+    """Nodes whose ``memory`` resource is half what the largest shard needs: one clear error naming
+    that shard and both sizes, no featurize task started, nothing published."""
+    from ray.cluster_utils import Cluster
+
+    from rece_dist.errors import ClusterError
+    from rece_dist.shards import FEATURIZE_BYTES_PER_STORED_BYTE
+
+    stored: dict[str, int] = {}  # config_id/date -> bytes of its steps and requests files
+    for f in Path(reference.store).glob("*/config_id=*/date=*/*.parquet"):
+        key = f"{f.parent.parent.name.removeprefix('config_id=')}/{f.parent.name.removeprefix('date=')}"
+        stored[key] = stored.get(key, 0) + f.stat().st_size
+    largest = max(stored, key=stored.__getitem__)
+    memory = FEATURIZE_BYTES_PER_STORED_BYTE * stored[largest] // 2
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "memory": memory, "include_dashboard": True, "dashboard_port": _free_port()})
+    try:
+        c.add_node(num_cpus=1, memory=memory)
+        c.wait_for_nodes()
+        ray.init(address=c.address, log_to_driver=False)
+        with pytest.raises(ClusterError) as err:
+            api.train(reference.store, publish_to=str(tmp_path / "out"), max_regression=None, **SETTINGS)
+        msg = str(err.value)
+        assert f"shard {largest} " in msg and "\n" not in msg
+        need = FEATURIZE_BYTES_PER_STORED_BYTE * stored[largest]
+        assert f"is {stored[largest] / 2**20:,.1f} MiB of Parquet and needs about {need / 2**20:,.1f} MiB" in msg
+        assert f"offers {memory / 2**20:,.1f} MiB" in msg
+        assert _tasks("featurize") == []
+        assert not (tmp_path / "out").exists() or list_versions(str(tmp_path / "out")) == []
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
 # --- ray job submit against a head with the job server -------------------------------------
 
 @dataclass(frozen=True)
