@@ -96,6 +96,20 @@ def test_moe_terms_appear_only_for_moe(cat):
     np.testing.assert_allclose(f["offload_out_us"], 0)  # offload off
 
 
+@pytest.mark.parametrize("release, on", [("0.10.2", "step_vllm_0_10_2"), ("0.14.0", "step_vllm_0_14_0"),
+                                         ("0.11.0", None), ("0.12.0", None)])
+def test_release_step_terms_are_one_only_for_their_release(cat, release, on):
+    """One indicator per listed release; 0.11.0 and an unlisted release share the pooled bias."""
+    cfg = DeploymentConfig(cat.model("Llama-2-7b-hf"), cat.gpu("A100-SXM-80GB"),
+                           ServingSettings(tp=1, vllm_version=release))
+    X = feature_matrix(_steps(), cfg, "beta")
+    f = {feat.name: X[:, i] for i, feat in enumerate(BETA_FEATURES)}
+    terms = [n for n in f if n.startswith("step_vllm_")]
+    assert terms == ["step_vllm_0_10_2", "step_vllm_0_13_0", "step_vllm_0_14_0"]
+    for n in terms:
+        np.testing.assert_array_equal(f[n], [1.0, 1.0] if n == on else [0.0, 0.0])
+
+
 def test_alpha_features_and_asof_load(cat):
     cfg = DeploymentConfig(cat.model("Llama-2-7b-hf"), cat.gpu("A100-SXM-80GB"),
                            ServingSettings(tp=2, max_num_seqs=64, max_model_len=4096, prefix_caching=True))
