@@ -44,6 +44,7 @@ class _Reducer:
         self.fallbacks: list[str] = []   # fallback routes used by any LP of this fit
         self.ray: np.ndarray | None = None  # unbounded direction of the last failed reduced LP
         self.tilts = 0                   # band-metric tilts along such directions
+        self.want_ray = True             # whether a failed reduced LP's ray is worth its phase-one LP
 
     # -- schedule: nested subsets n_0 < n_1 < ... < n_K = n, ratio <= growth
     def schedule(self) -> list[int]:
@@ -152,7 +153,10 @@ class _Reducer:
         rd = rows @ d
         carried = np.abs(rd)
         if rows.shape[0] and (carried > 1e-9 * carried.max()).mean() > _TILT_MAX_CARRY:
-            return False  # a direction of most rows: the whole band is too narrow, double it
+            # a direction of most rows: the whole band is too narrow, double it; the stage's
+            # later failures double too, without the phase-one LP (0.3-1 s at 10^4-10^5 rows)
+            self.want_ray = False
+            return False
         V = self.Linv.T @ self.Linv
         Z = rows @ self.Linv.T
         t = rd ** 2 / np.maximum(np.einsum("ij,ij->i", Z, Z), 1e-300)
@@ -174,7 +178,9 @@ class _Reducer:
         se = math.sqrt(t * (1 - t) * p / max(n_prev, 1))
         self.stage_rounds = 0
         widened = tilted = 0
+        self.want_ray = True
         while True:
+            self.want_ray = self.want_ray and tilted < o.max_tilts
             est_rows = frac * self.n
             h_in = max(z_in * se, 0.5 * max(o.min_free, 10 * p) / max(est_rows, 1.0))
             h_out = max(z_out * se, 1.5 * h_in)
@@ -262,7 +268,7 @@ class _Reducer:
                                         "unbounded_inaccurate"):
                 # the reduced primal is unbounded: widen the band, along its ray if one is found
                 self.ray = None
-                if status == "infeasible":
+                if status == "infeasible" and self.want_ray:
                     self.ray = lp.unbounded_direction()
                     self.lp_solves += 1
                 return None
