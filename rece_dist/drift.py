@@ -154,4 +154,12 @@ def gate(new_doc: dict[str, Any], fs: FeatureSet, root: str, max_regression: flo
     if not ObjectRoot(root, s3).exists(LATEST):
         return None
     old_doc, _ = resolve(root, LATEST, s3=s3)
+    for t in TARGETS:
+        old, new = ([f["name"] for f in d["targets"][t]["features"]] for d in (old_doc, new_doc))
+        if old != new:
+            diff = ", ".join([f"+{n}" for n in new if n not in old] + [f"-{n}" for n in old if n not in new]) or "reordered"
+            raise RegressionError(
+                f"{root}: latest was trained on another {t} feature set ({len(old)} features, this rece-dist "
+                f"computes {len(new)}: {diff}), so the regression gate cannot score it on the same rows; "
+                "publish the first version of this feature set with --force (api: max_regression=None)")
     return compare(new_doc, old_doc, fs, max_regression)

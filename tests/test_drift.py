@@ -106,6 +106,25 @@ def test_a_worse_version_is_refused_on_the_same_held_out_rows(fitted):
         rep.raise_if_worse()
 
 
+def test_gate_refuses_a_latest_with_another_feature_set_and_says_how_to_publish(fitted, tmp_path):
+    """After an upgrade that changes the features the old version cannot be scored on the same
+    rows: one line naming the difference and --force, not a failure inside a scoring task."""
+    fs, doc = fitted
+    root = str(tmp_path / "artifacts")
+    old = copy.deepcopy(doc)
+    dropped = old["targets"]["beta"]["features"].pop()["name"]
+    for sp in old["specialists"]:
+        for coefs in sp["coefficients"]["beta"].values():
+            coefs.pop()
+    publish(root, old, ManifestMeta(git_commit="test", settings=SETTINGS.to_dict(), data=[]))
+    with pytest.raises(RegressionError) as err:
+        gate(doc, fs, root, 0.05)
+    msg = str(err.value)
+    assert f"+{dropped}" in msg and "--force" in msg and "\n" not in msg
+    n = len(doc["targets"]["beta"]["features"])
+    assert f"({n - 1} features, this rece-dist computes {n}" in msg
+
+
 def test_gate_compares_with_the_published_latest(fitted, tmp_path):
     fs, doc = fitted
     root = str(tmp_path / "artifacts")
