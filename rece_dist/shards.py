@@ -146,7 +146,8 @@ def _check_memory(pairs: list[tuple[Partition | None, Partition | None]], need: 
 
     Why: a task that asks for more of Ray's ``memory`` resource than every node offers is never
     scheduled (the job waits forever), and one that does not ask is killed by Ray's memory
-    monitor, retried, and ends with a traceback that names no shard."""
+    monitor and retried, with no word of which shard. Only live nodes count: on an autoscaling
+    cluster, a node group that would start on demand must be large enough and up already."""
     nodes = [n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")]
     have = max(nodes, default=0.0)
     k = max(range(len(pairs)), key=need.__getitem__)
