@@ -99,6 +99,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .config import load_config_file
     from .ensemble import predict_payload
     from .errors import ArtifactError
+    from .progress import log
 
     model = load_artifact(args.artifact)
     cfg = load_config_file(args.config)
@@ -109,7 +110,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise ArtifactError(f"{args.input}: input file not found") from None
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{args.input}: not valid JSON ({exc})") from None
-    print(json.dumps(predict_payload(model, cfg, payload, args.input), indent=1))
+    out = predict_payload(model, cfg, payload, args.input)
+    for warning in out.get("warnings", []):
+        log(f"[predict] warning: {warning}")
+    print(json.dumps(out, indent=1))
     return 0
 
 

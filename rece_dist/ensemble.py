@@ -18,6 +18,14 @@ grouped cross-validation over configurations at training time), then rearranges 
 
     q_tau' = q_mid + c_tau * (q_tau - q_mid)
 
+A feature the fits never saw (a MoE term when every training configuration was dense, CPU
+offload traffic when none offloaded) has coefficient 0: its cost is left out of the
+prediction. ``unobserved`` names such features, non-zero in the rows being predicted and zero
+on every training row of the specialists holding at least half the mixing weight
+(``specialists[s].unobserved_columns``); ``predict`` warns (``UnobservedFeatureWarning``) and
+``rece predict`` says so in its output, since the number alone looks like any other. (A column
+dropped as collinear is not such a case: the columns it depends on carry its effect.)
+
 This module reads only the artifact document, so a model loaded from JSON and the model the
 training job built in memory are the same object and predict the same floats.
 """
@@ -28,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import warnings
+
 import numpy as np
 import polars as pl
 
@@ -35,6 +45,10 @@ from .config import DeploymentConfig, as_config, config_vector
 from .errors import ArtifactError
 from .features import FEATURES, feature_matrix
 from .specialists import cosine_similarity
+
+
+class UnobservedFeatureWarning(UserWarning):
+    """A prediction's rows carry a cost (a feature) the artifact was never fitted on."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class RECEModel:
             specs = doc["specialists"]
             self.centroids = np.asarray([s["centroid"] for s in specs], dtype=np.float64)
             self.coef: dict[str, np.ndarray] = {}
+            self.zero: dict[str, np.ndarray] = {}  # (specialists, features): zero on every training row
             for target, feats in FEATURES.items():
                 names = [f["name"] for f in doc["targets"][target]["features"]]
                 if names != [f.name for f in feats]:
@@ -94,6 +109,9 @@ class RECEModel:
                 self.coef[target] = np.asarray(
                     [[s["coefficients"][target][_qkey(q)] for q in self.quantiles] for s in specs],
                     dtype=np.float64)  # (specialists, quantiles, features)
+                # informational in the contract (older documents lack it: then nothing is flagged)
+                self.zero[target] = np.asarray([s.get("unobserved_columns", {}).get(target, [False] * len(feats))
+                                                for s in specs], dtype=bool)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"artifact is malformed ({type(exc).__name__}: {exc})") from None
         self.members = {cid: i for i, s in enumerate(doc["specialists"]) for cid in s["members"]}
@@ -128,6 +146,13 @@ class RECEModel:
             values, _ = rearrange(mid + self.widen[target] * (values - mid))
         return Prediction(self.quantiles, values, weights, crossed)
 
+    def unobserved(self, target: str, X: np.ndarray, weights: np.ndarray) -> list[str]:
+        """Features non-zero in some row of X and zero on every training row of specialists
+        holding at least half of ``weights``: the prediction leaves their cost out."""
+        share = weights @ self.zero[target]
+        used = np.any(X != 0, axis=0)
+        return [f.name for f, u, sh in zip(FEATURES[target], used, share) if u and sh >= 0.5]
+
     @property
     def version(self) -> str | None:
         """The published version (``v-...``), if the model came from one."""
@@ -148,7 +173,17 @@ class RECEModel:
         cfg = as_config(config)
         data = rows.to_dicts() if isinstance(rows, pl.DataFrame) else list(rows)
         X = feature_matrix(rows_frame(target, data, "predict rows"), cfg, target)
-        return self.predict_matrix(target, X, self.weights(cfg, top_k, temperature), self.unseen(cfg)).values
+        w = self.weights(cfg, top_k, temperature)
+        missing = self.unobserved(target, X, w)
+        if missing:
+            warnings.warn(UnobservedFeatureWarning(_unobserved_message(cfg, target, missing)), stacklevel=2)
+        return self.predict_matrix(target, X, w, self.unseen(cfg)).values
+
+
+def _unobserved_message(cfg: DeploymentConfig, target: str, names: Sequence[str]) -> str:
+    return (f"{cfg.label}: {target} features {', '.join(names)} are non-zero in these rows but were zero on every "
+            "training row of the specialists it mixes: that cost is left out of the prediction; train on a store "
+            "with a configuration that has it")
 
 
 def _qkey(q: float) -> str:
@@ -206,4 +241,8 @@ def predict_payload(model: RECEModel, cfg: DeploymentConfig, payload: Mapping[st
             pred = model.predict_matrix(target, X, weights, model.unseen(cfg))
             out[target] = [{_qkey(q): float(v) for q, v in zip(pred.quantiles, row)} for row in pred.values]
             out[f"{target}_rows_rearranged"] = pred.rows_sorted
+            missing = model.unobserved(target, X, weights)
+            if missing:
+                out[f"{target}_unobserved_features"] = missing
+                out.setdefault("warnings", []).append(_unobserved_message(cfg, target, missing))
     return out

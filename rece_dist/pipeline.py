@@ -198,6 +198,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     st = fs.stats
     scales: dict[tuple[str, int], np.ndarray] = {}
     columns: dict[tuple[str, int], np.ndarray] = {}
+    unobserved: dict[tuple[str, int], np.ndarray] = {}  # features zero on every training row
     rows: dict[tuple[str, int], int] = {}
     fit_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
@@ -208,7 +209,9 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
             for j, cids in members.items():
                 share = config_shares(ids, cids, settings.borrow)
                 idx = [i for c in share for i in by_config[c]]
-                scale = column_scale(np.vstack([st[i].col_max[t] for i in idx]))
+                col_max = np.vstack([st[i].col_max[t] for i in idx])
+                scale = column_scale(col_max)
+                unobserved[(t, j)] = col_max.max(axis=0) == 0
                 cols = independent_columns(sum(st[i].gram[t] for i in idx), scale)
                 n_cfg = {c: sum(st[i].train_rows[t] for i in by_config[c]) for c in share}
                 total = sum(n_cfg[c] for c in cids)
@@ -243,7 +246,8 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
             timings.update(fit_wall_s=t1 - t0, noncrossing_wall_s=time.monotonic() - t1)
     batch.complete(fits, crossing)
     dates = sorted({st[i].date for i in shards})
-    doc = _assemble(fs.configs, ids, emb, clus, members, fits, scales, columns, rows, crossing, settings, dates)
+    doc = _assemble(fs.configs, ids, emb, clus, members, fits, scales, columns, unobserved, rows, crossing, settings,
+                    dates)
     if settings.calibrate_folds and labels is None:
         doc["unseen_calibration"] = unseen_calibration(fs, settings, shards)
     return doc
@@ -369,7 +373,7 @@ def _natural(coef: np.ndarray, scale: np.ndarray, columns: np.ndarray) -> list[f
     return out.tolist()
 
 
-def _assemble(configs, ids, emb, clus, members, fits, scales, columns, rows, crossing, settings: TrainSettings,
+def _assemble(configs, ids, emb, clus, members, fits, scales, columns, unobserved, rows, crossing, settings: TrainSettings,
               dates: list[str]) -> dict[str, Any]:
     specialists = []
     for j, cids in members.items():
@@ -383,6 +387,7 @@ def _assemble(configs, ids, emb, clus, members, fits, scales, columns, rows, cro
             "coefficients": coefficients,
             "solver_scale": {t: scales[(t, j)].tolist() for t in TARGETS},
             "fitted_columns": {t: columns[(t, j)].tolist() for t in TARGETS},
+            "unobserved_columns": {t: unobserved[(t, j)].tolist() for t in TARGETS},
             "fit": {t: [{"tau": f.tau, "objective": f.objective, "status": f.status, "rows_solved": f.n_solved_rows,
                          "rounds": f.rounds} for f in fits[(t, j)]] for t in TARGETS},
             "crossings": {t: _crossing_dict(crossing.get((t, j))) for t in TARGETS},

@@ -230,3 +230,30 @@ def test_unseen_calibration_covers_configurations_never_seen(tmp_path, ray_local
         assert cov_cal > cov_plain + 0.2 and cov_cal >= 0.7, (c, factor[c], lo, hi, cov_plain, cov_cal)
     seen_plain = coverage(plain, train_shards, "holdout")[1]
     np.testing.assert_array_equal(coverage(doc, train_shards, "holdout")[1], seen_plain)
+
+
+def test_a_cost_no_fit_saw_is_flagged_not_silently_left_out(truth_store, trained):
+    """The ground-truth store is dense-only: a MoE configuration's expert terms were zero on every
+    training row, so predict warns and ``rece predict``'s payload names exactly them; a training
+    configuration's rows flag nothing (columns dropped as collinear are not unobserved)."""
+    import warnings
+
+    from rece_dist.config import Catalog, DeploymentConfig, ServingSettings
+    from rece_dist.ensemble import UnobservedFeatureWarning, predict_payload
+
+    model = RECEModel(trained.artifact)
+    cat = Catalog.default()
+    moe = DeploymentConfig(cat.model("Mixtral-8x7B-v0.1"), cat.gpu("H100-SXM"), ServingSettings(tp=2))
+    rows = [{"prefill_tokens": 512, "decode_tokens": 32, "running_depth": 33, "kv_usage_gpu_ratio": 0.3}]
+    with pytest.warns(UnobservedFeatureWarning, match="moe_roofline_us"):
+        model.predict(moe, rows)
+    flagged = predict_payload(model, moe, {"beta": rows}, "test")["beta_unobserved_features"]
+    tp_terms = {"tp_comm_fixed_us", "tp_allreduce_us"} if all(c.serving.tp == 1 for c in truth_store[1]) else set()
+    assert set(flagged) == {"moe_roofline_us", "moe_read_us", "moe_compute_us"} | tp_terms
+    own = truth_store[1][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnobservedFeatureWarning)
+        model.predict(own, rows)
+    out = predict_payload(model, own, {"beta": rows, "alpha": [
+        {"prompt_tokens": 100, "waiting_depth": 1, "running_depth": 2, "kv_usage_gpu_ratio": 0.2}]}, "test")
+    assert "warnings" not in out and "beta_unobserved_features" not in out
