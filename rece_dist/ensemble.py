@@ -32,11 +32,10 @@ training job built in memory are the same object and predict the same floats.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
-
-import warnings
 
 import numpy as np
 import polars as pl
@@ -48,7 +47,7 @@ from .specialists import cosine_similarity
 
 
 class UnobservedFeatureWarning(UserWarning):
-    """A prediction's rows carry a cost (a feature) the artifact was never fitted on."""
+    """A prediction's rows carry a cost (a feature) the artifact's training rows never had."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +181,7 @@ class RECEModel:
 
 def _unobserved_message(cfg: DeploymentConfig, target: str, names: Sequence[str]) -> str:
     return (f"{cfg.label}: {target} features {', '.join(names)} are non-zero in these rows but were zero on every "
-            "training row of the specialists it mixes: that cost is left out of the prediction; train on a store "
+            "training row of the specialists this configuration mixes: that cost is left out of the prediction; train on a store "
             "with a configuration that has it")
 
 
