@@ -380,3 +380,29 @@ def test_cells_aggregated_in_ray_equal_the_same_cells_aggregated_in_memory(evalu
     assert in_ray.height > 10
     assert in_ray.equals(in_memory)
     assert in_ray.equals(evaluation.by_config)
+
+
+def test_a_held_out_cost_no_training_row_had_is_named_beside_the_worst_configuration(tmp_path, ray_local):
+    """Five configurations, one at TP 2: leaving it out, the fold trains on TP 1 only, where every
+    tensor-parallel term is 0 by its formula ((tp - 1) factor, log2(tp), tp > 1); those terms are
+    named for that configuration and for no other."""
+    from rece_dist.evaluate.targets import transfer_targets, unobserved_in_folds
+
+    root = str(tmp_path / "store")
+    cfgs = write_store(root, n_configs=5, rows=400)
+    fs = featurize_store(root, SETTINGS)
+    rece = [m for m in methods(1) if m.key == "rece_dense"]
+    run = run_protocol(Fitter(fs, SETTINGS), protocol_folds(fs, "loco"), rece, SETTINGS.temperature)
+    got = {k: v for k, v in unobserved_in_folds(fs, {"loco": run}).items() if v}
+    (tp2,) = [c.config_id for c in cfgs if c.serving.tp > 1]
+    assert got == {("loco", "beta", tp2): ["tp_comm_fixed_us", "tp_allreduce_us"],
+                   ("loco", "alpha", tp2): ["tp_gt_1", "tp_comm_us"]}
+    # the label shown for the worst configuration (here the TP 2 one) carries them
+    scores = pl.DataFrame([{"protocol": "loco", "target": "beta", "method": m, "split": s, "mape_p50": 0.1,
+                            "rel_pinball_macro": 0.1, "interval_coverage": 0.8, "interval_width": 1.0}
+                           for m in ("per_config", "rece_dense", "global", "donor") for s in ("seen", "unseen")])
+    by_config = pl.DataFrame([{"protocol": "loco", "target": "beta", "method": m, "split": s, "config_id": c.config_id,
+                               "mape_p50": 0.5 if (c.config_id == tp2 and m == "rece_dense") else 0.1}
+                              for m in ("per_config", "rece_dense") for s in ("seen", "unseen") for c in cfgs])
+    row = transfer_targets(scores, by_config, "rece_dense", fs.configs, None, got).row(0, named=True)
+    assert row["worst_config"] == f"{fs.configs[tp2].label} (never observed: tp_comm_fixed_us, tp_allreduce_us)"

@@ -20,7 +20,7 @@ from ..progress import log
 from ..refit import CellRef, EvaluationError, FitRequest, Fitter, aggregate, own_mixing_job, predict_cells, sample_cells
 from .baselines import Method, _folds, baseline_rows, methods, table_footnotes, text_table
 from .embedding_check import EmbeddingCheck, embedding_check
-from .targets import rece_method, targets_text, transfer_targets
+from .targets import rece_method, targets_text, transfer_targets, unobserved_in_folds
 from .protocols import PROTOCOL_TITLES, PROTOCOLS, ProtocolRun, config_kfold, protocol_folds, run_protocol
 from .tune import Sweep, sweep
 
@@ -74,6 +74,7 @@ class Evaluation:
     sweep: Sweep | None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    unobserved: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)  # targets.unobserved_in_folds
 
 
 def config_attrs(configs: Mapping[str, DeploymentConfig]) -> dict[str, dict[str, str]]:
@@ -152,13 +153,14 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
         by_gpu=aggregate(cells, qs, base + ("gpu",), attrs),
         by_model=aggregate(cells, qs, base + ("model",), attrs),
         published=published, samples=_samples(cells, main, options.sample_rows, settings.seed),
-        embedding=emb, sweep=sw, notes=notes, seconds=time.monotonic() - t0,
+        embedding=emb, sweep=sw, notes=notes, seconds=time.monotonic() - t0, unobserved=unobserved_in_folds(fs, runs),
     )
 
 
 def ev_targets(ev: Evaluation) -> pl.DataFrame:
     """The transfer targets of an evaluation (``targets.transfer_targets``)."""
-    return transfer_targets(ev.scores, ev.by_config, rece_method(ev.artifact, ev.methods), ev.configs, ev.embedding)
+    return transfer_targets(ev.scores, ev.by_config, rece_method(ev.artifact, ev.methods), ev.configs, ev.embedding,
+                            ev.unobserved)
 
 
 def baseline_text(ev: Evaluation) -> str:

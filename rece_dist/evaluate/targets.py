@@ -15,17 +15,25 @@ features achieve with a configuration's own data, and against the baselines on t
   donor), on unseen rows; target >= 20%.
 - **Embedding**: Spearman rank correlation between the distance mixing uses and behaviour
   distance (``embedding_check``); target >= 0.6 for beta.
+
+The worst configuration is shown with the features its rows have and its fold's RECE fit never
+observed (``RECEModel.unobserved``: a MoE term when the fold held out every MoE configuration),
+because no mixing can transfer a cost no training row carried.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import polars as pl
 
 from ..config import DeploymentConfig
+from ..ensemble import RECEModel
+from ..shards import TARGETS, FeatureSet
 from .baselines import Method, fmt, text_table
 from .embedding_check import EmbeddingCheck
+from .protocols import ProtocolRun
 
 RATIO_TARGET = {"loco": 2.0, "logo": 3.0, "lomo": 3.0}
 COVERAGE_TARGET, COVERAGE_TOL, SEEN_TOL = 0.8, 0.05, 0.03
@@ -45,11 +53,30 @@ def _metric(df: pl.DataFrame, metric: str, **where: str) -> float | None:
     return float(df[metric][0]) if len(df) and df[metric][0] is not None else None
 
 
+def unobserved_in_folds(fs: FeatureSet, runs: Mapping[str, ProtocolRun]) -> dict[tuple[str, str, str], list[str]]:
+    """Per (protocol, target, unseen configuration): features non-zero in the configuration's
+    rows that its fold's RECE fit never observed."""
+    out: dict[tuple[str, str, str], list[str]] = {}
+    for p, run in runs.items():
+        for fold, docs in zip(run.folds, run.docs):
+            if "rece" not in docs:
+                continue
+            model = RECEModel(docs["rece"])
+            for cid in sorted({fs.stats[i].config_id for i in fold.unseen}):
+                w = model.weights(fs.configs[cid])
+                for t in TARGETS:
+                    used = np.vstack([fs.stats[i].col_max[t] for i in fs.shards_of([cid])]).max(axis=0, keepdims=True)
+                    out[(p, t, cid)] = model.unobserved(t, used, w)
+    return out
+
+
 def transfer_targets(scores: pl.DataFrame, by_config: pl.DataFrame, rece: str,
-                     configs: Mapping[str, DeploymentConfig], embedding: EmbeddingCheck | None) -> pl.DataFrame:
+                     configs: Mapping[str, DeploymentConfig], embedding: EmbeddingCheck | None,
+                     unobserved: Mapping[tuple[str, str, str], Sequence[str]] | None = None) -> pl.DataFrame:
     """One row per (protocol, target) with the four targets' figures and whether each is met.
 
-    ``scores`` and ``by_config`` are an evaluation's aggregates; ``rece`` the method judged.
+    ``scores`` and ``by_config`` are an evaluation's aggregates; ``rece`` the method judged;
+    ``unobserved`` (``unobserved_in_folds``) names what the worst configuration's fold never saw.
     """
     rows: list[dict[str, Any]] = []
     protocols = set(scores["protocol"].to_list()) if len(scores) else set()
@@ -78,7 +105,8 @@ def transfer_targets(scores: pl.DataFrame, by_config: pl.DataFrame, rece: str,
                 "protocol": p, "target": t, "rece_mape": mape, "own_mape": own, "ratio": ratio,
                 "ratio_target": RATIO_TARGET[p],
                 "worst_ratio": worst["ratio"] if worst else None,
-                "worst_config": configs[worst["config_id"]].label if worst else None,
+                "worst_config": _worst_label(configs, worst["config_id"], (unobserved or {}).get((p, t, worst["config_id"])))
+                if worst else None,
                 "coverage": cov, "width": _metric(s, "interval_width", method=rece, split="unseen"),
                 "seen_coverage": seen, "gain_vs_global": gains["global"], "gain_vs_donor": gains["donor"],
                 "spearman": rho,
@@ -89,6 +117,11 @@ def transfer_targets(scores: pl.DataFrame, by_config: pl.DataFrame, rece: str,
                 "spearman_met": t != "beta" or (rho is not None and rho >= SPEARMAN_TARGET),
             })
     return pl.DataFrame(rows)
+
+
+def _worst_label(configs: Mapping[str, DeploymentConfig], cid: str, unseen_terms: Sequence[str] | None) -> str:
+    label = configs[cid].label
+    return f"{label} (never observed: {', '.join(unseen_terms)})" if unseen_terms else label
 
 
 def _mark(v: str, ok: bool) -> str:
