@@ -11,7 +11,8 @@ is the sha256 of artifact.json's bytes, so equal ids are byte-identical artifact
 
 - tasks spread over several nodes and the artifact does not change;
 - a fit task's worker killed, or a whole worker node removed, mid-fit: Ray retries the task
-  and rebuilds what the lost node held from lineage, and the artifact does not change;
+  (and rebuilds from lineage what the lost node held and no other node copied), and the
+  artifact does not change;
 - SIGINT or SIGTERM to the driver mid-run: one line, ``latest`` unchanged, no extra version;
 - ``ray job submit`` of ``jobs/train.py`` publishes that same version, and jobs with bad
   input end FAILED, fast, with the one-line error in their log.
@@ -220,8 +221,9 @@ class TestMultiNode:
                        for t in _tasks(name) if t.task_id not in seen)
 
         _wait_for(lambda: rerun("fit"), 30, "the lost fit's retry on the other node")
-        # the shards the lost node held were rebuilt from lineage (the evaluation reads every shard)
-        _wait_for(lambda: rerun("featurize"), 30, "a lost shard's featurize re-run")
+        # Shards the lost node created are rebuilt from lineage only when no other node holds a
+        # copy (prepare tasks pull them where they run), so a featurize re-run is not asserted:
+        # it happened in most runs and not in one fresh-clone CI run whose artifact was the same.
 
 
 def test_a_shard_larger_than_every_node_fails_before_any_read_naming_it(reference, tmp_path):
