@@ -135,9 +135,13 @@ def _pair_partitions(store: Store, settings: TrainSettings) -> list[tuple[Partit
     return [(steps.get(k), reqs.get(k)) for k in sorted(set(steps) | set(reqs))]
 
 
+def _stored_bytes(steps: Partition | None, requests: Partition | None) -> int:
+    return sum(p.size_bytes for p in (steps, requests) if p is not None)
+
+
 def featurize_memory(steps: Partition | None, requests: Partition | None) -> int:
     """Bytes a featurize task may need for this shard, from its stored size (free with the listing)."""
-    return FEATURIZE_BYTES_PER_STORED_BYTE * sum(p.size_bytes for p in (steps, requests) if p is not None)
+    return FEATURIZE_BYTES_PER_STORED_BYTE * _stored_bytes(steps, requests)
 
 
 def _check_memory(pairs: list[tuple[Partition | None, Partition | None]], need: list[int],
@@ -155,7 +159,7 @@ def _check_memory(pairs: list[tuple[Partition | None, Partition | None]], need: 
         s, r = pairs[k]
         part = s or r
         assert part is not None
-        stored = sum(p.size_bytes for p in (s, r) if p is not None)
+        stored = _stored_bytes(s, r)
         raise ClusterError(
             f"shard {part.config_id}/{part.date} ({configs[part.config_id].label}) is {_bytes(stored)} of Parquet "
             f"and needs about {_bytes(need[k])} of memory to featurize; the largest node of this Ray cluster "

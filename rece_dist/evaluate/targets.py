@@ -64,8 +64,9 @@ def unobserved_in_folds(fs: FeatureSet, runs: Mapping[str, ProtocolRun]) -> dict
             model = RECEModel(docs["rece"])
             for cid in sorted({fs.stats[i].config_id for i in fold.unseen}):
                 w = model.weights(fs.configs[cid])
+                shards = fs.shards_of([cid])
                 for t in TARGETS:
-                    used = np.vstack([fs.stats[i].col_max[t] for i in fs.shards_of([cid])]).max(axis=0, keepdims=True)
+                    used = np.vstack([fs.stats[i].col_max[t] for i in shards]).max(axis=0, keepdims=True)
                     out[(p, t, cid)] = model.unobserved(t, used, w)
     return out
 

@@ -196,7 +196,7 @@ class _Reducer:
             done = self.solve_rounds(agg, frac, h_in, h_out, pilot_frac, last=widened == o.max_widen)
             if done is not None:
                 return done
-            if self.ray is not None and tilted < o.max_tilts and self.tilt(self.ray, agg["X"]):
+            if self.ray is not None and self.tilt(self.ray, agg["X"]):  # a ray only while want_ray
                 tilted += 1
                 _log.debug("stage rows=%d: reduced LP unbounded along a direction, widening "
                            "the band along it", agg["n_st"])
@@ -267,7 +267,7 @@ class _Reducer:
             if not final and status in ("infeasible", "unbounded", "infeasible_inaccurate",
                                         "unbounded_inaccurate"):
                 # the reduced primal is unbounded: widen the band, along its ray if one is found
-                self.ray = None
+                # (self.ray is None here: stage() resets it before each call)
                 if status == "infeasible" and self.want_ray:
                     self.ray = lp.unbounded_direction()
                     self.lp_solves += 1
