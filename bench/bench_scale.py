@@ -13,9 +13,11 @@ same model must at least do, measured on the same machine in the same run:
   of R quantreg's ``rq.fit.pfn``) on the same design matrices as our fits (row weights folded
   into the rows: rho_tau(w r) = w rho_tau(r)), one task per (target, specialist, quantile).
 
-Memory: the driver's peak RSS (``getrusage``) is read before the limit phase runs; workers' peaks
-are each process's ``VmHWM`` (kernel high-water mark), sampled from ``/proc`` over the
-processes this driver started (other users' Ray workers on the machine are not counted).
+Memory: the driver's peak RSS (``getrusage``) and the workers' peaks are read before the limit
+phase runs. A worker's peak is sampled from ``/proc`` over the processes this driver started
+(other users' Ray workers are not counted), two ways: its private memory (``RssAnon``), what a
+task costs a node beyond the object store, and the kernel's high-water mark (``VmHWM``), which
+also counts every object-store page the process touched (shared, and counted once in the store).
 """
 
 from __future__ import annotations
@@ -46,10 +48,15 @@ from rece_dist.synth import generate_store  # noqa: E402
 
 
 class WorkerPeaks:
-    """Peak RSS (VmHWM) of every process descended from this one, sampled in a thread."""
+    """Peak memory of every process descended from this one, sampled in a thread: the kernel's
+    high-water mark (VmHWM, which counts the object-store pages a process touched, shared with
+    every other process), and the sampled peak of its private memory (RssAnon): what one task
+    costs a node beyond the object store."""
 
     def __init__(self, every_s: float = 0.5) -> None:
         self.peaks: dict[int, tuple[int, str]] = {}
+        self.private: dict[int, int] = {}
+        self.names: dict[int, set[str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
         self._thread.start()
@@ -76,14 +83,23 @@ class WorkerPeaks:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
                 except OSError:
                     continue
-                hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-                if hwm > self.peaks.get(pid, (0, ""))[0]:
-                    self.peaks[pid] = (hwm, cmd)
+                kib = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
+                       if line.startswith(("VmHWM:", "RssAnon:"))}
+                if kib.get("VmHWM", 0) > self.peaks.get(pid, (0, ""))[0]:
+                    self.peaks[pid] = (kib["VmHWM"], cmd)
+                self.private[pid] = max(self.private.get(pid, 0), kib.get("RssAnon", 0))
+                if cmd.startswith("ray::") and cmd != "ray::IDLE":  # a worker's title names its running task
+                    self.names.setdefault(pid, set()).add(cmd[5:])
 
-    def largest_worker_mib(self) -> tuple[float, str]:
-        workers = [(kib, cmd) for kib, cmd in self.peaks.values() if cmd.startswith("ray::") or "default_worker" in cmd]
-        kib, cmd = max(workers, default=(0, "none"))
-        return kib / 1024, cmd
+    def largest_worker_mib(self) -> dict[str, tuple[float, str]]:
+        """The largest worker so far by each measure (MiB), with the tasks its process ran (as sampled)."""
+        workers = [pid for pid, (_, cmd) in self.peaks.items() if cmd.startswith("ray::") or "default_worker" in cmd]
+        out = {}
+        for name, of in (("VmHWM", lambda pid: self.peaks[pid][0]), ("private", lambda pid: self.private.get(pid, 0))):
+            pid = max(workers, key=of, default=None)
+            out[name] = ((of(pid) / 1024, ", ".join(sorted(self.names.get(pid, {"none"})))) if pid is not None
+                         else (0.0, "none"))
+        return out
 
     def stop(self) -> None:
         self._stop.set()
@@ -99,16 +115,25 @@ def scan_partition(files: tuple[str, ...], columns: list[str]) -> tuple[int, flo
 
 
 @ray.remote(num_cpus=1)
-def reference_fit(tau: float, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[int, float]:
-    """The reference solver on one fit's stacked design matrix; returns (rows, seconds)."""
-    X = np.concatenate([p[0] * p[2][:, None] for p in parts])
-    y = np.concatenate([p[1] * p[2] for p in parts])
+def reference_fit(tau: float, rows: int, parts: list[ray.ObjectRef]) -> tuple[int, float]:
+    """The reference solver on one fit's stacked design matrix; returns (rows, seconds).
+
+    The parts are fetched one at a time into one preallocated matrix (row weights folded in),
+    so the task holds the stacked matrix once, not it and every part beside it."""
+    p = ray.get(parts[0])[0].shape[1]
+    X, y, at = np.empty((rows, p)), np.empty(rows), 0
+    for ref in parts:
+        Xp, yp, wp = ray.get(ref)
+        X[at:at + len(yp)] = Xp * wp[:, None]
+        y[at:at + len(yp)] = yp * wp
+        at += len(yp)
+        del Xp, yp, wp
     t = time.monotonic()
     try:
         rq_fit_pfn(X, y, tau)
     except np.linalg.LinAlgError:  # its subsample missed a rare column (a MoE or offload term): full FN
         rq_fit_fnb(X, y, tau)
-    return len(y), time.monotonic() - t
+    return rows, time.monotonic() - t
 
 
 def main() -> None:
@@ -118,13 +143,20 @@ def main() -> None:
     ap.add_argument("--specialists", type=int, default=4)
     ap.add_argument("--store", default=None, help="store to reuse or create (default bench/out/scale-<rows>)")
     ap.add_argument("--skip-limit", action="store_true", help="time our run only")
+    ap.add_argument("--object-store-gib", type=float, default=None,
+                    help="Ray object store size (default Ray's: 30%% of memory); features and prepared "
+                         "designs beyond it spill to disk")
+    ap.add_argument("--max-fit-rows", type=int, default=TrainSettings.max_fit_rows,
+                    help="specialists above it are fitted over their shards (default %(default)s)")
     args = ap.parse_args()
     rows = int(args.rows)
     cpus = os.cpu_count() or 1
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     store_uri = args.store or f"bench/out/scale-{args.configs}x{rows // args.configs}"
     sampler = WorkerPeaks()
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    store_bytes = None if args.object_store_gib is None else int(args.object_store_gib * 2**30)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=store_bytes)
     table = []
     if not Store(store_uri).exists():
         t = time.monotonic()
@@ -140,11 +172,11 @@ def main() -> None:
     timings: dict = {}
     with tempfile.TemporaryDirectory(prefix="rece-scale-") as out:
         t = time.monotonic()
-        settings = TrainSettings(specialists=args.specialists)
+        settings = TrainSettings(specialists=args.specialists, max_fit_rows=args.max_fit_rows)
         result, _ = train_and_publish(store_uri, out, settings, max_regression=None, timings=timings)
         e2e = time.monotonic() - t
     driver_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    worker_mib, worker_cmd = sampler.largest_worker_mib()
+    workers = sampler.largest_worker_mib()  # before the limit phase's stacked matrices
     for key, label in (("featurize_s", "featurize"), ("fit_s", "fit (LPs + non-crossing)"),
                        ("held_out_s", "held-out metrics"), ("publish_s", "golden vectors + publish")):
         table.append((label, timings[key], total / timings[key]))
@@ -158,17 +190,23 @@ def main() -> None:
         scanned = sum(r for r, _ in ray.get(scans))
         read_s = time.monotonic() - t
         t = time.monotonic()
-        refs = [reference_fit.remote(q, *design) for design in timings["design_refs"].values()
-                for q in settings.quantiles]
+        refs, node_memory = [], ray.cluster_resources()["memory"]
+        for key, design in timings["design_refs"].items():
+            n = timings["design_rows"][key]  # the stacked matrix and FN's n-vectors: ~1.3x it in memory
+            need = int(1.3 * 8 * n * (timings["design_cols"][key] + 1))
+            task = reference_fit.options(memory=min(need, node_memory))  # the largest alone on the node
+            refs += [task.remote(q, n, list(design)) for q in settings.quantiles]
         ref_rows = sum(r for r, _ in ray.get(refs))
         fit_ref_s = time.monotonic() - t
         limit = read_s + fit_ref_s
         table.append((f"limit: Polars scan ({scanned:,} rows)", read_s, scanned / read_s))
         table.append((f"limit: reference FN/PK fits ({len(refs)}, {ref_rows:,} rows)", fit_ref_s, ref_rows / fit_ref_s))
     sampler.stop()
+    ray_store_gib = ray.cluster_resources()["object_store_memory"] / 2**30
     ray.shutdown()
 
-    print(f"machine: {cpus} CPUs, {mem_gib:.0f} GiB, load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"machine: {cpus} CPUs, {mem_gib:.0f} GiB, load average {os.getloadavg()[0]:.1f} at the end; "
+          f"Ray object store {ray_store_gib:.1f} GiB")
     print(f"store {store_uri}: {args.configs} configurations, {n_rows['steps']:,} step rows, "
           f"{n_rows['requests']:,} request rows; {args.specialists} specialists, quantiles {settings.quantiles}")
     print("| phase | wall s | rows/s |\n|---|---|---|")
@@ -184,8 +222,10 @@ def main() -> None:
               for t in sp["fit"] for f in sp["fit"][t]]
     print("rows in the final LP (rows_solved / the members' rows; borrowed rows come on top), largest three: " + ", ".join(
         f"{t} P{100 * q:g} {a:,}/{b:,}" for a, b, t, q in sorted(solved)[-3:]))
-    print(f"peak RSS: driver {driver_mib:,.0f} MiB (before the limit phase); largest worker {worker_mib:,.0f} MiB "
-          f"({worker_cmd[:40]})")
+    print(f"peak RSS: driver {driver_mib:,.0f} MiB (before the limit phase); largest worker: private memory "
+          f"{workers['private'][0]:,.0f} MiB (a process that ran {workers['private'][1][:100]}), "
+          f"VmHWM with the object-store pages it touched {workers['VmHWM'][0]:,.0f} MiB "
+          f"({workers['VmHWM'][1][:100]})")
     if limit is not None:
         print(f"end to end / limit = {e2e:.1f} / {limit:.1f} s = {e2e / limit:.2f}x (target <= 2x)")
 

@@ -12,8 +12,9 @@ Data flows one way and every heavy step is a Ray task over plain numpy data:
    object store once and passed to every fit by reference.
 4. ``fit``: one task per (target, specialist, quantile) solves the pinball LP in cvxpy;
    with non-crossing on, one task per (target, specialist) then removes crossings. A
-   specialist above ``max_fit_rows`` is never stacked in one task: its exact fit runs the
-   row reduction as tasks over its shards (``quantile.fit_quantile_sharded``).
+   specialist above ``max_fit_rows`` is never stacked in one task: a ``fit_sharded`` task
+   drives the row reduction, whose passes are tasks over its shards
+   (``quantile.fit_quantile_sharded``).
 5. The artifact is assembled, and ``evaluate_shard`` tasks score the held-out rows with
    exactly the model the artifact describes; metrics are pooled in tasks too, so the
    driver never holds rows or predictions.
@@ -137,6 +138,23 @@ def fit(tau: float, l1: float, solver: str, seed: int, *parts: tuple[np.ndarray,
     return fit_quantile(X, y, tau, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver, seed=seed)
 
 
+# Ray ``memory`` a fit over shards reserves: it holds the reduction's random subsets, middle rows
+# and LPs, not the shards (bench_scale at 10^7 rows, 1.6-4.3 M-row fits: private memory <= 990 MiB)
+SHARDED_FIT_BYTES = 1536 << 20
+
+
+@ray.remote(max_retries=RETRIES, memory=SHARDED_FIT_BYTES)
+def fit_sharded(tau: float, l1: float, solver: str, seed: int, p: int, parts: list[ray.ObjectRef]):
+    """An exact fit of a specialist too large to stack (above ``max_fit_rows``), driven from a task.
+
+    The reduction's passes are tasks of their own, each holding one shard; this one holds only
+    random subsets and middle rows and solves the small LPs. Blocked on its passes it frees its
+    CPU, so many such fits run at once on a cluster (their ``memory`` bounds how many per node)
+    and the job's driver holds no rows. ``parts`` stays a list of references: nothing is fetched
+    here but what the passes return."""
+    return fit_quantile_sharded(parts, tau, l1=l1, penalize=_penalize(p), solver=solver, seed=seed)
+
+
 @ray.remote(max_retries=RETRIES)
 def uncross(fits: list, l1: float, solver: str, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]):
     X, y, w = _stack(parts)
@@ -225,18 +243,24 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
                 part_refs[(t, j)] = refs
                 if sum(st[i].train_rows[t] * share[st[i].config_id] for i in idx) > settings.max_fit_rows:
                     sharded.append((t, j))
+                    log(f"[rece] {t} specialist {j}: more than {settings.max_fit_rows:,} rows, fitted over "
+                        f"{len(refs)} shards; crossings left to rearrangement at prediction")
+                    p = int(np.count_nonzero(cols))
+                    fit_refs[(t, j)] = [fit_sharded.remote(q, settings.l1, settings.solver, settings.seed, p, refs)
+                                        for q in settings.quantiles]
                 else:
                     fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
                                         for q in settings.quantiles]
         flat = [r for refs in fit_refs.values() for r in refs]
         t0 = time.monotonic()
-        fits = _fit_over_shards(sharded, part_refs, columns, settings)  # while the stacked fits run
         fitted = iter(gather(flat, f"fits ({len(flat)} LPs)") if flat else [])
-        fits.update({key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()})
+        fits = {key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()}
         t1 = time.monotonic()
         if timings is not None:  # the independent fits' own times, before non-crossing replaces them
             timings.update(lp_seconds=[f.seconds for fl in fits.values() for f in fl],
-                           lp_rows=[f.n_rows for fl in fits.values() for f in fl], design_refs=dict(part_refs))
+                           lp_rows=[f.n_rows for fl in fits.values() for f in fl], design_refs=dict(part_refs),
+                           design_rows={k: fl[0].n_rows for k, fl in fits.items()},
+                           design_cols={k: int(np.count_nonzero(columns[k])) for k in fits})
         if settings.noncrossing and len(settings.quantiles) > 1:
             keys = [k for k in fits if k not in sharded]
             refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
@@ -251,25 +275,6 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     if settings.calibrate_folds and labels is None:
         doc["unseen_calibration"] = unseen_calibration(fs, settings, shards)
     return doc
-
-
-def _fit_over_shards(keys: list[tuple[str, int]], part_refs: dict, columns: dict,
-                     settings: TrainSettings) -> dict[tuple[str, int], list]:
-    """Fits of specialists above ``settings.max_fit_rows``: no task ever stacks their rows.
-
-    The reduction's passes run as Ray tasks over the prepared shards (each task holds one
-    shard) and the driver solves the small LPs, so the exact optimum needs no worker that holds
-    the whole specialist. The joint non-crossing re-solve needs the stacked rows, so these fits
-    rely on monotone rearrangement at prediction (their ``crossings`` entry is null)."""
-    out = {}
-    for t, j in keys:
-        log(f"[rece] {t} specialist {j}: more than {settings.max_fit_rows:,} rows, fitted over "
-            f"{len(part_refs[(t, j)])} shards; crossings left to rearrangement at prediction")
-        p = int(np.count_nonzero(columns[(t, j)]))  # a mask over the target's features
-        out[(t, j)] = [fit_quantile_sharded(part_refs[(t, j)], q, l1=settings.l1, penalize=_penalize(p),
-                                            solver=settings.solver, seed=settings.seed)
-                       for q in settings.quantiles]
-    return out
 
 
 def widening_factor(ratio: np.ndarray, weight: np.ndarray, level: float) -> float:

@@ -19,6 +19,7 @@ from rece_dist.quantile import (
     pinball_loss,
     resolve_crossings,
 )
+from rece_dist.quantile.sharded import _groups
 
 
 def heavy_tailed(n, p=21, seed=0):
@@ -279,6 +280,24 @@ def test_sharded_equals_single_process(ray_local):
     assert dist.n_solved_rows < 30_000 / 2
     assert rel(dist.objective, single.objective) <= 1e-9
     assert rel(objective(X, y, dist.coef, 0.8, w), single.objective) <= 1e-9
+
+
+def test_grouped_pass_tasks_give_the_same_fit(ray_local):
+    """Pass tasks over groups of shards ([4,000 + 11,000] and [15,000] rows here) must return
+    exactly what one task per shard returns: same rows, same order, same optimum, same bits."""
+    ray = ray_local
+    X, y = heavy_tailed(30_000, p=8, seed=11)
+    cuts = [0, 4_000, 15_000, 30_000]
+    shards = [ray.put((X[a:b], y[a:b], np.ones(b - a))) for a, b in zip(cuts, cuts[1:])]
+    assert _groups([4_000, 11_000, 15_000], 10_000) == [[0, 1], [2]]
+    assert _groups([4_000, 11_000, 15_000], 1) == [[0], [1], [2]]
+    opts = ReduceOptions(first_stage_rows=1500)
+    per_shard = fit_quantile_sharded(shards, 0.3, reduce=opts, task_rows=1)
+    grouped = fit_quantile_sharded(shards, 0.3, reduce=opts, task_rows=10_000)
+    assert grouped.n_solved_rows == per_shard.n_solved_rows and grouped.rounds == per_shard.rounds
+    np.testing.assert_array_equal(grouped.coef, per_shard.coef)
+    single = fit_quantile(X, y, 0.3, reduce="never")
+    assert rel(grouped.objective, single.objective) <= 1e-9
 
 
 def test_sharded_rejects_bad_shard(ray_local):

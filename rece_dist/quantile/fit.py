@@ -19,7 +19,7 @@ from .lp import _direct_lp, _dual_value, _fail, _solver_label, _solver_name
 from .problem import (CrossingReport, QuantileFit, QuantileInputError, ReduceOptions, _check_l1, _check_tau,
                       _check_taus, _penalty_mask, _prepare_penalty, _rho_sum, _validate_arrays)
 from .reduce import _NoReduction, _Reducer
-from .sharded import _LocalBackend, _RayBackend
+from .sharded import _TASK_ROWS, _LocalBackend, _RayBackend
 
 # --------------------------------------------------------------------------- public fits
 
@@ -105,20 +105,22 @@ def _fit_direct(X, y, w, tau, pen, l1, solver, solver_options, t0, lp=None) -> Q
 
 def fit_quantile_sharded(shards, tau, *, l1=0.0, penalize=None, solver="HIGHS", seed=0,
                          reduce: ReduceOptions | None = None,
-                         solver_options: dict | None = None) -> QuantileFit:
+                         solver_options: dict | None = None, task_rows: int = _TASK_ROWS) -> QuantileFit:
     """Exact fit over shards held in Ray's object store (refs to (X, y, w) tuples).
 
-    Ray tasks stream their shard: they draw their share of each random subset, glob rows whose
-    sign is certain into two sums, return the middle rows, and verify signs of globbed rows at
-    each new fit.  The driver solves the reduced LPs in cvxpy.  Memory per task is its shard
-    plus chunk temporaries; the driver holds only subsets and middle rows."""
+    Ray tasks stream their shards (consecutive ones grouped up to ``task_rows`` rows a task):
+    they draw their share of each random subset, glob rows whose sign is certain into two sums,
+    return the middle rows, and verify signs of globbed rows at each new fit.  The caller
+    solves the reduced LPs in cvxpy.  Tasks read their shards in place and hold chunk
+    temporaries; the caller holds only subsets and middle rows.  The result does not depend on
+    ``task_rows``."""
     t0 = time.perf_counter()
     tau = _check_tau(tau)
     l1 = _check_l1(l1)
     solver = _solver_name(solver)
     if len(shards) == 0:
         raise QuantileInputError("fit_quantile_sharded needs at least one shard")
-    be = _RayBackend(shards)
+    be = _RayBackend(shards, task_rows)
     st = be.stats(need_const=(l1 > 0 and penalize is None))
     ps = {s["p"] for s in st}
     if len(ps) != 1:
