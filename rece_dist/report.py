@@ -371,9 +371,11 @@ def render_html(rv: Review, images: dict[str, str | None]) -> str:
                  f"cosine silhouette {fmt(clus.get('silhouette'), 'num')}; sizes {html.escape(sizes)}.</p>")
     if ev.embedding is not None:
         chk = ev.embedding
-        rows = [["target", "Spearman (cosine distance)", "Mantel p", "Spearman (Euclidean distance)"]]
+        rows = [["target", "Spearman (cosine distance)", "Mantel p", "Spearman (Euclidean distance)",
+                 "Spearman, model-based coordinates (not used for mixing)"]]
         rows += [[t, fmt(chk.spearman[t]["cosine"], "num"), fmt(chk.spearman[t]["p_cosine"], "num"),
-                  fmt(chk.spearman[t]["euclidean"], "num")] for t in TARGETS]
+                  fmt(chk.spearman[t]["euclidean"], "num"), fmt(chk.spearman[t].get("model_rms"), "num")]
+                 for t in TARGETS]
         grid = "; ".join(f"{t}: " + ", ".join(f"{v} {'/'.join(f'{x:.3g}' for x in vals)}" for v, vals in g.items())
                          for t, g in chk.probe_grid.items())
         n = len(chk.config_ids)
@@ -387,7 +389,10 @@ def render_html(rv: Review, images: dict[str, str | None]) -> str:
                      "an input with no common range is pinned at the value inside the most configurations' ranges "
                      f"({html.escape(pinned)}). "
                      f"Grid: {html.escape(grid)}. {len(chk.config_ids)} configurations, {len(chk.emb_distance)} "
-                     "pairs; the Mantel p-value permutes configurations.</p>")
+                     "pairs; the Mantel p-value permutes configurations. Model-based coordinates (last column): each "
+                     "configuration's log P50 on the same grid from the global model of the leave-one-configuration-"
+                     "out fold that held it out, so they exist for a deployment nobody has profiled; RMS distance. "
+                     "They show how a similarity built on them would rank behaviour; mixing does not use them.</p>")
         for t, ids in chk.clipped.items():
             if ids:
                 parts.append(f"<p class='note'>{t}: {len(ids)} configuration(s) still predict below 1 us somewhere on "

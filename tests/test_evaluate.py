@@ -372,6 +372,23 @@ def test_one_law_transfers_to_an_unseen_configuration_within_noise(evaluation):
         assert _metric(evaluation, "global", "unseen", target, "mape_p50") <= 1.25 * own, target
 
 
+def test_model_based_coordinates_of_one_law_are_the_behaviour_itself(evaluation):
+    """One law for every configuration (tests/ground_truth.py): the global model of the LOCO fold
+    that never saw a configuration predicts its P50 on the probe grid about as its own model
+    does, so its model-based coordinates are its behaviour vector up to noise and transfer error
+    (measured RMS log ratio: alpha <= 0.029, beta <= 0.056, the latter the one configuration the
+    other two bracket least), and their pair distances are the behaviour distances (beta's span
+    0.05 to 0.98)."""
+    chk = evaluation.embedding
+    assert chk.model_based is not None
+    for t, bound in (("alpha", 0.05), ("beta", 0.1)):
+        own_error = np.sqrt(((chk.model_based[t] - chk.behaviour[t]) ** 2).mean(axis=1))
+        assert own_error.max() <= bound, (t, own_error)
+        np.testing.assert_allclose(pair_distances(chk.model_based[t], "rms"), chk.behaviour_distance[t],
+                                   atol=2 * bound)
+        assert np.isfinite(chk.spearman[t]["model_rms"])
+
+
 def test_cells_aggregated_in_ray_equal_the_same_cells_aggregated_in_memory(evaluation):
     cells = evaluation.runs["loco"].cells
     assert cells and all(c.rows == len(c.fetch().y) for c in cells[:5])

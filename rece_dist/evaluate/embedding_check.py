@@ -8,7 +8,7 @@ because pairs share configurations, and the quality of the clusters per K.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -92,6 +92,14 @@ def probe_rows(grids: Mapping[str, Mapping[str, Sequence[float]]]) -> dict[str, 
     return out
 
 
+def _log_p50(model: RECEModel, target: str, cfg: DeploymentConfig, probes: pl.DataFrame,
+             w: np.ndarray) -> np.ndarray:
+    """log P50 of ``model`` mixed by ``w`` for ``cfg`` on the probe rows, clipped at 1 us."""
+    j50 = model.quantiles.index(0.5) if 0.5 in model.quantiles else len(model.quantiles) // 2
+    pred = model.predict_matrix(target, feature_matrix(probes, cfg, target), w)
+    return np.log(np.clip(pred.values[:, j50], 1.0, None))
+
+
 def behaviour_vectors(per_config_doc: Mapping[str, Any], configs: Mapping[str, DeploymentConfig],
                       probes: Mapping[str, pl.DataFrame]) -> dict[str, np.ndarray]:
     """Per target: (configs x probes) log P50 of each configuration's own model on the probe grid.
@@ -100,16 +108,31 @@ def behaviour_vectors(per_config_doc: Mapping[str, Any], configs: Mapping[str, D
     models extrapolating) are clipped there.
     """
     model = RECEModel(per_config_doc)
-    ids = sorted(configs)
-    j50 = model.quantiles.index(0.5) if 0.5 in model.quantiles else len(model.quantiles) // 2
     out = {}
     for t in TARGETS:
         rows = []
-        for c in ids:
+        for c in sorted(configs):
             w = np.zeros(len(model.centroids))
             w[model.members[c]] = 1.0
-            pred = model.predict_matrix(t, feature_matrix(probes[t], configs[c], t), w)
-            rows.append(np.log(np.clip(pred.values[:, j50], 1.0, None)))
+            rows.append(_log_p50(model, t, configs[c], probes[t], w))
+        out[t] = np.vstack(rows)
+    return out
+
+
+def model_coordinates(held_out_docs: Mapping[str, Mapping[str, Any]], configs: Mapping[str, DeploymentConfig],
+                      probes: Mapping[str, pl.DataFrame]) -> dict[str, np.ndarray]:
+    """Per target: (configs x probes) log P50 on the probe grid of a global model that never saw
+    the configuration (``held_out_docs[c]``: LOCO's global fit of the fold holding c out).
+
+    A candidate embedding that needs only the configuration (its features on the grid) and a
+    fitted model, so it exists for a deployment nobody has profiled; the check measures how
+    well its distances would rank behaviour, next to the configuration vector's."""
+    out = {}
+    for t in TARGETS:
+        rows = []
+        for c in sorted(configs):
+            model = RECEModel(held_out_docs[c])
+            rows.append(_log_p50(model, t, configs[c], probes[t], np.ones(len(model.centroids))))
         out[t] = np.vstack(rows)
     return out
 
@@ -157,16 +180,22 @@ class EmbeddingCheck:
     embedded: np.ndarray                 # (configs, d), standardised on these configurations
     emb_distance: np.ndarray             # condensed cosine distance (what mixing uses)
     behaviour_distance: dict[str, np.ndarray]  # per target, condensed RMS log-latency difference
-    spearman: dict[str, dict[str, float]]      # target -> {"cosine", "euclidean", "p_cosine"}
+    spearman: dict[str, dict[str, float]]      # target -> {"cosine", "euclidean", "p_cosine", "model_rms"?}
     clusters: pl.DataFrame               # per K: silhouette, sizes, behaviour silhouette
     probe_grid: dict[str, dict[str, list[float]]]  # per target: the probe values of each input
     pinned: dict[str, dict[str, int]]    # per target: inputs without a common range -> configurations covering the pin
     clipped: dict[str, list[str]]        # per target: configurations whose own P50 fell below 1 us on the grid
+    behaviour: dict[str, np.ndarray] = field(default_factory=dict)    # per target: behaviour_vectors
+    model_based: dict[str, np.ndarray] | None = None                  # per target: model_coordinates, if asked
 
 
 def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings: TrainSettings,
-                    k_grid: Sequence[int]) -> EmbeddingCheck:
-    """Does distance in the configuration embedding track distance in latency behaviour?"""
+                    k_grid: Sequence[int], held_out_docs: Mapping[str, Mapping[str, Any]] | None = None
+                    ) -> EmbeddingCheck:
+    """Does distance in the configuration embedding track distance in latency behaviour?
+
+    With ``held_out_docs`` (a global fit per configuration that did not see it), also how the
+    model-based coordinates of ``model_coordinates`` would rank it (``spearman[t]["model_rms"]``)."""
     ids = sorted(per_config_doc["configurations"])
     configs = {c: fs.configs[c] for c in ids}
     V = np.vstack([config_vector(configs[c]) for c in ids])
@@ -184,6 +213,11 @@ def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings:
         rho, p = mantel(d_cos, d_beh[t], len(ids), seed=settings.seed) if len(ids) >= 3 else (float("nan"),) * 2
         spear[t] = {"cosine": rho, "p_cosine": p, "euclidean": float(spearmanr(d_euc, d_beh[t]).statistic)
                     if len(ids) >= 3 else float("nan")}
+    M = None
+    if held_out_docs is not None and len(ids) >= 3 and set(ids) <= set(held_out_docs):
+        M = model_coordinates(held_out_docs, configs, probe_rows(grids))
+        for t in TARGETS:
+            spear[t]["model_rms"] = float(spearmanr(pair_distances(M[t], "rms"), d_beh[t]).statistic)
     rows = []
     for k in k_grid:
         cl = cluster(E, k, settings.clustering, settings.seed)
@@ -193,4 +227,4 @@ def embedding_check(fs: FeatureSet, per_config_doc: Mapping[str, Any], settings:
                      **{f"behaviour_silhouette_{t}": float(silhouette_score(B[t], cl.labels)) if ok else None
                         for t in TARGETS}})
     clipped = {t: [ids[i] for i in np.flatnonzero((B[t] <= 0).any(axis=1))] for t in TARGETS}
-    return EmbeddingCheck(ids, E, d_cos, d_beh, spear, pl.DataFrame(rows), grids, pinned, clipped)
+    return EmbeddingCheck(ids, E, d_cos, d_beh, spear, pl.DataFrame(rows), grids, pinned, clipped, B, M)

@@ -136,7 +136,10 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
     main = "loco" if "loco" in runs else next(iter(runs))
 
     per_config_doc = fitter.fit_many([FitRequest(tuple(range(len(fs.stats))), "per_config")], "embedding fit")[0]
-    emb = embedding_check(fs, per_config_doc, settings, options.k_grid) if len(fs.config_ids) >= 3 else None
+    held_out = ({next(iter(f.held_out_configs)): d["global"] for f, d in zip(runs["loco"].folds, runs["loco"].docs)}
+                if "loco" in runs else None)
+    emb = (embedding_check(fs, per_config_doc, settings, options.k_grid, held_out) if len(fs.config_ids) >= 3
+           else None)
     if emb is None:
         notes.append("embedding validation needs at least 3 configurations")
     sw = None
@@ -172,4 +175,11 @@ def baseline_text(ev: Evaluation) -> str:
             out.append(text_table(baseline_rows(ev.scores, ev.methods, p, t)))
         out += table_footnotes(ev.scores, ev.methods, p)
     targets = targets_text(ev_targets(ev), rece_method(ev.artifact, ev.methods))
+    sp = ev.embedding.spearman if ev.embedding is not None else {}
+    if all("model_rms" in sp.get(t, {}) for t in TARGETS) and sp:
+        targets += ("\nSpearman of behaviour distance with the mixing embedding's cosine distance: "
+                    + ", ".join(f"{t} {sp[t]['cosine']:.3f}" for t in TARGETS)
+                    + "; with model-based coordinates (log P50 on the probe grid of the global model that never "
+                      "saw the configuration; not used for mixing): "
+                    + ", ".join(f"{t} {sp[t]['model_rms']:.3f}" for t in TARGETS))
     return "\n".join(out + ([targets] if targets else []))
