@@ -5,7 +5,9 @@ LP solver after Lustig, Marsten & Shanno 1992, with Mehrotra predictor-corrector
 `rq.fit.pfn` (Portnoy & Koenker 1997 preprocessing: subsample m = ((p+1) n)^(2/3), band from
 the subsample's (X'X)^-1, glob rows outside the kappa band into two pseudo-observations, verify
 signs, fix up at most 3 times, double m when more than 0.1 M signs are wrong).  Same defaults:
-beta = 0.99995, eps = 1e-6, maxit = 50, Mm.factor = 0.8.  Unweighted; dense numpy.
+beta = 0.99995, eps = 1e-6, maxit = 50, Mm.factor = 0.8.  Unweighted; dense numpy.  One
+departure: where R's `chol` stops on a subsample or a band that misses a rare column (a
+singular X'X), the subsample is doubled, as R does when too many signs are wrong.
 
 Used only to benchmark rece_dist.quantile against the state of the art; never imported by the
 package.  The band is computed in row chunks (the same numbers as R's x %*% xxinv, without the
@@ -111,9 +113,13 @@ def rq_fit_pfn(x: np.ndarray, y: np.ndarray, tau: float = 0.5, Mm_factor: float 
         s_idx = rng.choice(n, size=m, replace=False)
         xx = x[s_idx]
         yy = y[s_idx]
-        z, _ = rq_fit_fnb(xx, yy, tau=tau, eps=eps)
+        try:
+            z, _ = rq_fit_fnb(xx, yy, tau=tau, eps=eps)
+            U = np.linalg.cholesky(xx.T @ xx).T    # R's chol(): upper U with U'U = X'X
+        except np.linalg.LinAlgError:  # the subsample missed a rare column: a larger one (R stops here)
+            m, info["doublings"] = 2 * m, info["doublings"] + 1
+            continue
         info["fnb_rows"].append(m)
-        U = np.linalg.cholesky(xx.T @ xx).T        # R's chol(): upper U with U'U = X'X
         xxinv = sla.solve_triangular(U, np.eye(p), lower=False)
         band = np.empty(n)
         for c0 in range(0, n, _CHUNK):
@@ -139,7 +145,11 @@ def rq_fit_pfn(x: np.ndarray, y: np.ndarray, tau: float = 0.5, Mm_factor: float 
             if su.any():
                 xx = np.vstack([xx, su.astype(np.float64) @ x])
                 yy = np.append(yy, y[su].sum())
-            b, _ = rq_fit_fnb(xx, yy, tau=tau, eps=eps)
+            try:
+                b, _ = rq_fit_fnb(xx, yy, tau=tau, eps=eps)
+            except np.linalg.LinAlgError:  # the band's rows miss a rare column, as above
+                m, info["doublings"] = 2 * m, info["doublings"] + 1
+                break
             info["fnb_rows"].append(xx.shape[0])
             r = y - x @ b
             su_bad = (r < 0) & su
