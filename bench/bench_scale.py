@@ -42,6 +42,7 @@ from reference_fn import rq_fit_pfn  # noqa: E402
 
 from rece_dist.features import REQUEST_READ, STEP_READ  # noqa: E402
 from rece_dist.pipeline import TrainSettings  # noqa: E402
+from rece_dist.progress import gather  # noqa: E402
 from rece_dist.runner import train_and_publish  # noqa: E402
 from rece_dist.store import Store  # noqa: E402
 from rece_dist.synth import generate_store  # noqa: E402
@@ -207,7 +208,7 @@ def main() -> None:
         t = time.monotonic()
         scans = [scan_partition.remote(p.files, STEP_READ if tab == "steps" else REQUEST_READ)
                  for tab, ps in parts.items() for p in ps]
-        scanned = sum(r for r, _ in ray.get(scans))
+        scanned = sum(r for r, _ in gather(scans, "limit: Polars scans"))
         read_s = time.monotonic() - t
         t = time.monotonic()
         refs, node_memory = [], ray.cluster_resources()["memory"]
@@ -216,7 +217,7 @@ def main() -> None:
             need = int(8 * n * (timings["design_cols"][key] + 8))
             task = reference_fit.options(memory=min(need, node_memory))  # the largest alone on the node
             refs += [task.remote(q, n, list(design)) for q in settings.quantiles]
-        ref_rows = sum(r for r, _ in ray.get(refs))
+        ref_rows = sum(r for r, _ in gather(refs, f"limit: reference fits ({len(refs)})"))
         fit_ref_s = time.monotonic() - t
         limit = read_s + fit_ref_s
         print(f"| limit: Polars scan ({scanned:,} rows) | {read_s:.1f} | {scanned / read_s:,.0f} |")

@@ -222,6 +222,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     sharded: list[tuple[str, int]] = []
     crossing: dict[tuple[str, int], Any] = {}
+    todo: list[tuple[float, tuple[str, int], Any, tuple]] = []  # (rows, key, task, its arguments)
     with FitBatch(cache) as batch:  # on an error, whoever waits for this call's specialists gets it
         for t in TARGETS:
             for j, cids in members.items():
@@ -241,16 +242,19 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
                 refs = [prepare.remote(fs.shard_refs[i], t, scale, cols, w, keep, settings.seed)
                         for i, w, keep in parts]
                 part_refs[(t, j)] = refs
-                if sum(st[i].train_rows[t] * share[st[i].config_id] for i in idx) > settings.max_fit_rows:
+                size = sum(st[i].train_rows[t] * share[st[i].config_id] for i in idx)
+                if size > settings.max_fit_rows:
                     sharded.append((t, j))
                     log(f"[rece] {t} specialist {j}: more than {settings.max_fit_rows:,} rows, fitted over "
                         f"{len(refs)} shards; crossings left to rearrangement at prediction")
-                    p = int(np.count_nonzero(cols))
-                    fit_refs[(t, j)] = [fit_sharded.remote(q, settings.l1, settings.solver, settings.seed, p, refs)
-                                        for q in settings.quantiles]
+                    todo.append((size, (t, j), fit_sharded, (int(np.count_nonzero(cols)), refs)))
                 else:
-                    fit_refs[(t, j)] = [fit.remote(q, settings.l1, settings.solver, settings.seed, *refs)
-                                        for q in settings.quantiles]
+                    todo.append((size, (t, j), fit, tuple(refs)))
+                fit_refs[(t, j)] = []  # filled below; the keys keep the artifact's order
+        # largest first (LPT order): the longest fit must not start last and run alone at the end
+        for _, key, task, args in sorted(todo, key=lambda x: -x[0]):
+            fit_refs[key] = [task.remote(q, settings.l1, settings.solver, settings.seed, *args)
+                             for q in settings.quantiles]
         flat = [r for refs in fit_refs.values() for r in refs]
         t0 = time.monotonic()
         fitted = iter(gather(flat, f"fits ({len(flat)} LPs)") if flat else [])
