@@ -22,7 +22,8 @@ import ray
 
 from rece_dist.artifact import canonical_bytes
 from rece_dist.evaluate import protocol_folds
-from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble, train
+from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble
+from rece_dist.recipe import train
 from rece_dist.refit import fit_labels
 from rece_dist.review import review_artifact
 

@@ -25,7 +25,8 @@ import ray
 from rece_dist import artifact
 from rece_dist.featurecache import PREFIX, read_counts
 from rece_dist.objstore import ObjectRoot
-from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble
+from rece_dist.pipeline import TrainSettings, featurize_store
+from rece_dist.recipe import fit_recipe
 from rece_dist.store import Store
 
 from common import local_ray, store_at
@@ -42,7 +43,7 @@ def run(store: str, settings: TrainSettings, first: int, last: int, root: str | 
     t0 = time.monotonic()
     fs = featurize_store(store, s, cache_root=root)
     t1 = time.monotonic()
-    doc = fit_ensemble(fs, s)
+    doc = fit_recipe(fs, s)
     return {"reads": read_counts(fs.stats), "featurize_s": t1 - t0, "total_s": time.monotonic() - t0,
             "digest": artifact.digest(doc)}
 

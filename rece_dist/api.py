@@ -77,7 +77,7 @@ def evaluate_artifact(artifact: str, store: str, options: EvalOptions = EvalOpti
 
 
 def tune(store: str, settings: TrainSettings | None = None, *, folds: int | None = None,
-         k_grid: Sequence[int] = (1, 2, 4, 6), temperatures: Sequence[float] = (0.05, 0.1, 0.3, 1.0),
+         k_grid: Sequence[int] = (1, 2, 4, 6), temperatures: Sequence[float] = (0.01, 0.03, 0.1, 0.3),
          top_ks: Sequence[int | None] = (1, 2, None), borrows: Sequence[float] | None = None,
          ray_address: str | None = None, **overrides: Any) -> Sweep:
     """Pick K, borrow, temperature and top-k by grouped cross-validation over the store's configurations."""

@@ -2,12 +2,14 @@
 
 Top-level keys (``docs/artifact.md`` gives the evaluation rule as formulas):
 
-- ``schema_version``: ``"rece-artifact/1"``; readers refuse other major versions.
+- ``schema_version``: ``"rece-artifact/2"``; readers refuse other versions (1 mixed by a
+  configuration vector's cosine, 2 by the latency profile below).
 - ``quantiles``: e.g. ``[0.1, 0.5, 0.9]``.
 - ``targets.{alpha,beta}``: definition, units, and the ordered feature list
   (name, formula, units, solver scale). Coefficients are in natural units: the solver saw
   ``x / scale`` and its coefficients were divided by ``scale`` afterwards.
-- ``config_vector``: entries (name, formula) and the standardisation ``center`` / ``scale``.
+- ``embedding``: the latency profile: probe batches (beta input rows) and the pooled P50 beta
+  coefficients whose log predictions on them embed a configuration.
 - ``mixing``: rule, temperature, top-k, non-crossing policy.
 - ``specialists``: centroid, member configurations, per-target row counts, and
   ``coefficients[target][repr(tau)]`` as a list aligned with the target's features.
@@ -31,7 +33,7 @@ from typing import Any, Mapping
 
 from .errors import ArtifactError
 
-SCHEMA_VERSION = "rece-artifact/1"
+SCHEMA_VERSION = "rece-artifact/2"
 
 
 def canonical_json(doc: Any, what: str = "document") -> bytes:
@@ -90,7 +92,7 @@ def parse(data: bytes, where: str) -> dict[str, Any]:
     version = doc.get("schema_version")
     if not isinstance(version, str) or version.split(".")[0] != SCHEMA_VERSION:
         raise ArtifactError(f"{where}: schema_version {version!r} is not {SCHEMA_VERSION}")
-    for key in ("quantiles", "targets", "config_vector", "mixing", "specialists", "configurations"):
+    for key in ("quantiles", "targets", "embedding", "mixing", "specialists", "configurations"):
         if key not in doc:
             raise ArtifactError(f"{where}: artifact is missing {key!r}")
     return doc

@@ -1,8 +1,9 @@
 """What BLIS consumes beside the artifact: golden test vectors and exports in today's shapes.
 
-- **Golden vectors**: for every training configuration plus a few unseen probes, fixed input
-  rows with their feature vectors, similarities, mixing weights and expected quantiles, so
-  BLIS's Go evaluator can test each stage of ``docs/artifact.md`` separately.
+- **Golden vectors**: for every training configuration plus a few unseen probes, the features
+  of the embedding's probe batches, the embedding, similarities, mixing weights, and fixed input
+  rows with their feature vectors and expected quantiles, so BLIS's Go evaluator can test each
+  stage of ``docs/artifact.md`` separately.
 - **Collapsed coefficients**: the seed's "pre-compute weights for known configurations":
   for a configuration, sum_s w_s * beta_s per target and quantile. A single linear model per
   configuration, exactly equal to the ensemble before rearrangement.
@@ -19,10 +20,10 @@ import yaml
 
 from .artifact import digest
 from .config import Catalog, DeploymentConfig
-from .ensemble import RECEModel, _qkey, rows_frame
-from .features import FEATURES, feature_matrix
+from .ensemble import RECEModel, _qkey
+from .features import FEATURES, feature_matrix, rows_frame
 
-GOLDEN_VERSION = "rece-golden/1"
+GOLDEN_VERSION = "rece-golden/2"
 
 # Probe inputs spanning idle to saturated steps and short to long prompts (raw fields).
 BETA_PROBES: list[dict[str, float]] = [
@@ -56,6 +57,7 @@ def golden_vectors(doc: Mapping[str, Any], probes: list[DeploymentConfig] | None
     out = []
     for cid, cfg, seen in cases:
         case: dict[str, Any] = {"config_id": cid, "seen_in_training": seen, "configuration": cfg.to_dict(),
+                                "embedding_features": feature_matrix(model.profile.probes, cfg, "beta").tolist(),
                                 "embedding": model.embed(cfg).tolist(), "similarity": model.similarity(cfg).tolist(),
                                 "weights": model.weights(cfg).tolist()}
         for target, probes_rows in (("beta", BETA_PROBES), ("alpha", ALPHA_PROBES)):

@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from .errors import ReceError
+from .settings import VALIDATION_ROWS_PER_CONFIG
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -72,8 +73,9 @@ def _settings(args: argparse.Namespace):
     return TrainSettings(
         specialists=args.specialists, quantiles=tuple(args.quantiles), clustering=args.clustering,
         temperature=args.temperature, top_k=args.top_k, borrow=args.borrow, calibrate_folds=args.calibrate_folds,
-        l1=args.l1, noncrossing=not args.allow_crossing, max_fit_rows=args.max_fit_rows, solver=args.solver,
-        date_from=args.date_from, date_to=args.date_to, seed=args.seed,
+        select_folds=args.select_folds,
+        l1=args.l1, noncrossing=not args.allow_crossing, max_fit_rows=args.max_fit_rows,
+        rows_per_config=args.rows_per_config, solver=args.solver, date_from=args.date_from, date_to=args.date_to, seed=args.seed,
     )
 
 
@@ -133,7 +135,7 @@ def _top_k_value(s: str) -> int | None:
 def _grid_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sensitivity grid")
     g.add_argument("--k-grid", type=int, nargs="+", default=[1, 2, 4, 6], help="numbers of specialists K to try")
-    g.add_argument("--temperatures", type=float, nargs="+", default=[0.05, 0.1, 0.3, 1.0], help="temperatures to try")
+    g.add_argument("--temperatures", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3], help="temperatures to try")
     g.add_argument("--top-k-grid", type=_top_k_value, nargs="+", default=[1, 2, None],
                    help="top-k values to try ('dense': all specialists)")
     g.add_argument("--borrow-grid", type=float, nargs="+", default=None,
@@ -147,7 +149,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     options = EvalOptions(
         protocols=PROTOCOLS if args.protocol == "all" else (args.protocol,), sparse_top_k=args.sparse_top_k,
         cv_folds=args.folds, k_grid=tuple(args.k_grid), temperatures=tuple(args.temperatures),
-        top_ks=tuple(args.top_k_grid), borrows=None if args.borrow_grid is None else tuple(args.borrow_grid))
+        top_ks=tuple(args.top_k_grid), borrows=None if args.borrow_grid is None else tuple(args.borrow_grid),
+        fit_rows=None if args.fit_rows == 0 else args.fit_rows)
     rv = evaluate_artifact(args.artifact, args.store, options, donors=not args.no_donor_experiment,
                            max_regression=args.max_regression, report=args.report, ray_address=args.ray_address)
     print(baseline_text(rv.evaluation))
@@ -238,6 +241,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
         labels = ", ".join(doc["configurations"][c]["label"] for c in s["members"])
         print(f"  specialist {s['id']}: {labels}")
     print(summary_table(doc))
+    sel = t.get("selection")
+    if sel:
+        crit = sel["criterion"]
+        print(f"model per target ({sel['folds']}-fold {sel['method']}, relative pinball on held-out configurations): "
+              + "; ".join(f"{tt} {doc['targets'][tt]['model']} (specialists {crit['specialists'][tt]:.4g}, pooled "
+                          f"{crit['pooled'][tt]:.4g})" for tt in ("alpha", "beta")))
     cal = doc.get("unseen_calibration")
     if cal:
         widen = "; ".join(f"{t} " + " ".join(f"P{float(q) * 100:g} x{f:.3g}" for q, f in fs.items())
@@ -251,7 +260,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--specialists", "-k", type=int, default=4, help="number of specialists K (default 4)")
     g.add_argument("--quantiles", type=float, nargs="+", default=[0.1, 0.5, 0.9], help="quantiles to fit")
     g.add_argument("--clustering", choices=["kmeans", "agglomerative"], default="kmeans")
-    g.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the mixing")
+    g.add_argument("--temperature", type=float, default=0.03,
+                   help="softmax temperature of the mixing, in RMS log-latency units (default 0.03)")
     g.add_argument("--top-k", type=int, default=None, help="mix only the k most similar specialists")
     g.add_argument("--borrow", type=float, default=0.1,
                    help="share of every non-member configuration in a specialist's fit, relative to a member's, "
@@ -259,11 +269,17 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibrate-folds", type=int, default=0,
                    help="widen intervals for configurations not in training, measured by this many refits over "
                         "groups of configurations (0: off)")
+    g.add_argument("--select-folds", type=int, default=4,
+                   help="per target, keep the specialists only if they beat one pooled model on configurations "
+                        "held out in this many refits over groups of configurations (default 4; 0: always keep them)")
     g.add_argument("--l1", type=float, default=0.0, help="L1 penalty (scikit-learn's alpha) on scaled coefficients")
     g.add_argument("--allow-crossing", action="store_true", help="skip the non-crossing re-solve")
     g.add_argument("--max-fit-rows", type=int, default=10_000_000,
                    help="a specialist with more training rows is fitted over its shards (no task stacks them; "
                         "no non-crossing re-solve)")
+    g.add_argument("--rows-per-config", type=_positive_int, default=None,
+                   help="fit on a fixed random sample of at most this many training rows per configuration and "
+                        "target (default: every row)")
     g.add_argument("--solver", default="HIGHS", help="cvxpy LP solver (HIGHS, CLARABEL)")
     g.add_argument("--date-from", help="first date to train on (YYYY-MM-DD)")
     g.add_argument("--date-to", help="last date to train on (YYYY-MM-DD)")
@@ -361,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--folds", type=int, default=None,
                     help="folds over configurations for the sensitivity sweep (default: one per configuration)")
     ev.add_argument("--no-donor-experiment", action="store_true", help="skip the donor-selection experiment")
+    ev.add_argument("--fit-rows", type=int, default=VALIDATION_ROWS_PER_CONFIG, metavar="N",
+                    help="every refit trains on a fixed random sample of at most N rows per configuration and "
+                         f"target (default {VALIDATION_ROWS_PER_CONFIG:,}; 0: every training row, as the artifact was fitted)")
     ev.add_argument("--max-regression", type=float, default=0.05,
                     help="pinball regression vs the previous version that counts as worse (default 0.05)")
     ev.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")

@@ -3,7 +3,7 @@
 A candidate's coverage score is its distance to the nearest configuration already covered
 (the store's, then the ones picked before it): the greedy max-min rule, which spreads new
 measurements where the specialists have least data. Distances are Euclidean in the store's
-standardised embedding (``specialists.Embedding``), not cosine: cosine ignores how far from
+standardised configuration vector (``embedding.Embedding``), not cosine: cosine ignores how far from
 the centre a configuration lies, so a candidate twice as extreme as a stored one along the
 same direction would count as covered.
 
@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .refit import EvaluationError, Fitter, FitRequest, PredictJob, aggregate, predict_cells
 from .pipeline import TARGETS
 from .progress import log
-from .specialists import Embedding
+from .embedding import Embedding
 
 
 def greedy_max_min(existing: np.ndarray, candidates: np.ndarray, n: int) -> list[tuple[int, float]]:

@@ -154,6 +154,12 @@ def gate(new_doc: dict[str, Any], fs: FeatureSet, root: str, max_regression: flo
     if not ObjectRoot(root, s3).exists(LATEST):
         return None
     old_doc, _ = resolve(root, LATEST, s3=s3)
+    old_schema, new_schema = old_doc.get("schema_version"), new_doc["schema_version"]
+    if old_schema != new_schema:
+        raise RegressionError(
+            f"{root}: latest is a {old_schema} artifact and this rece-dist writes {new_schema}, which this version "
+            "cannot score side by side; publish the first version of the new schema with --force (api: "
+            "max_regression=None)")
     for t in TARGETS:
         old, new = ([f["name"] for f in d["targets"][t]["features"]] for d in (old_doc, new_doc))
         if old != new:

@@ -1,9 +1,10 @@
 """Evaluating a RECE artifact: similarity-weighted mixing of specialist quantile models.
 
-For a configuration c with embedding e(c), specialist centroids m_s, temperature T and
+For a configuration c with latency profile e(c) (``embedding.LatencyProfile``: its log P50
+step time on the artifact's probe batches), specialist centroids m_s, temperature T and
 optional top-k, and feature row x (natural units) of target t:
 
-    sim_s   = cos(e(c), m_s)
+    sim_s   = -d(e(c), m_s) = -sqrt(mean_g (e_g(c) - m_sg)^2)
     S       = all s, or the k specialists with the largest sim_s (ties: lower index first)
     w_s     = exp(sim_s / T) / sum_{r in S} exp(sim_r / T)   for s in S, else 0
     q_tau   = sum_s w_s * (x . beta[s, t, tau])
@@ -40,10 +41,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from .config import DeploymentConfig, as_config, config_vector
+from . import artifact as artifact_mod
+from .config import DeploymentConfig, as_config
+from .embedding import LatencyProfile, rms_distance
 from .errors import ArtifactError
-from .features import FEATURES, feature_matrix
-from .specialists import cosine_similarity
+from .features import FEATURES, feature_matrix, rows_frame
 
 
 class UnobservedFeatureWarning(UserWarning):
@@ -88,11 +90,13 @@ class RECEModel:
     def __init__(self, doc: Mapping[str, Any], manifest: Mapping[str, Any] | None = None):
         self.document = doc
         self.manifest = manifest
+        version = doc.get("schema_version")
+        if version != artifact_mod.SCHEMA_VERSION:
+            raise ArtifactError(f"artifact schema {version!r} is not {artifact_mod.SCHEMA_VERSION}; evaluate it with "
+                                "the rece-dist version that wrote it, or retrain")
         try:
             self.quantiles = tuple(float(q) for q in doc["quantiles"])
-            vec = doc["config_vector"]
-            self.center = np.asarray(vec["center"], dtype=np.float64)
-            self.scale = np.asarray(vec["scale"], dtype=np.float64)
+            self.profile = LatencyProfile.from_doc(doc["embedding"])
             mix = doc["mixing"]
             self.temperature = float(mix["temperature"])
             self.top_k = None if mix.get("top_k") is None else int(mix["top_k"])
@@ -126,10 +130,11 @@ class RECEModel:
         return cfg.config_id not in self.members  # the specialists' members are the artifact's configurations
 
     def embed(self, cfg: DeploymentConfig) -> np.ndarray:
-        return (config_vector(cfg) - self.center) / self.scale
+        return self.profile(cfg)
 
     def similarity(self, cfg: DeploymentConfig) -> np.ndarray:
-        return cosine_similarity(self.embed(cfg), self.centroids)
+        """Minus the RMS log-latency distance of ``cfg``'s profile to each specialist's centroid."""
+        return -rms_distance(self.embed(cfg), self.centroids)
 
     def weights(self, cfg: DeploymentConfig, top_k: int | None = None, temperature: float | None = None) -> np.ndarray:
         return mixing_weights(self.similarity(cfg), temperature or self.temperature,
@@ -188,40 +193,6 @@ def _unobserved_message(cfg: DeploymentConfig, target: str, names: Sequence[str]
 def _qkey(q: float) -> str:
     """Quantile as a JSON object key: '0.1', '0.5', '0.9'."""
     return repr(float(q))
-
-
-# Columns a prediction row may carry: None is required; an omitted optional one takes its
-# number, or its function of the row (one token per decoding request, one prefilling request).
-INPUT_COLUMNS: dict[str, dict[str, Any]] = {
-    "beta": {"prefill_tokens": None, "decode_tokens": None, "running_depth": None, "kv_usage_gpu_ratio": None,
-             "scheduled_tokens": lambda r: r["prefill_tokens"] + r["decode_tokens"],
-             "num_prefill_reqs": lambda r: int(r["prefill_tokens"] > 0), "num_decode_reqs": lambda r: r["decode_tokens"],
-             "kv_blocks_offloaded": 0, "kv_blocks_restored": 0},
-    "alpha": {"prompt_tokens": None, "waiting_depth": None, "running_depth": None, "kv_usage_gpu_ratio": None},
-}
-
-
-def rows_frame(target: str, rows: list[Mapping[str, Any]], where: str) -> pl.DataFrame:
-    """Validate raw input rows for ``target`` and fill documented defaults."""
-    if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
-        raise ArtifactError(f"{where}: '{target}' must be a list of objects")
-    spec = INPUT_COLUMNS[target]
-    cols: dict[str, list[float]] = {name: [] for name in spec}
-    for i, r in enumerate(rows):
-        row: dict[str, float] = {}  # this row's fields validated so far (derived defaults read them)
-        for name, default in spec.items():
-            v = r.get(name, default)
-            if v is None:
-                raise ArtifactError(f"{where}: {target} row {i} is missing {name!r}")
-            if callable(v):
-                v = v(row)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
-                raise ArtifactError(f"{where}: {target} row {i} field {name!r} must be a non-negative number, got {v!r}")
-            row[name] = float(v)
-        for name, v in row.items():
-            cols[name].append(v)
-    return pl.DataFrame({k: pl.Series(k, v, dtype=pl.Float64) for k, v in cols.items()},
-                        schema={k: pl.Float64 for k in spec})
 
 
 def predict_payload(model: RECEModel, cfg: DeploymentConfig, payload: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import polars as pl
 
 from .config import DeploymentConfig
+from .errors import ArtifactError
 
 Expr = pl.Expr
 C = pl.col
@@ -201,6 +202,40 @@ def feature_matrix(df: pl.DataFrame, cfg: DeploymentConfig, target: str) -> np.n
     """The (rows x features) float64 matrix of ``target`` for rows of one configuration."""
     exprs = [f.expr(cfg).alias(f.name) for f in FEATURES[target]]
     return df.select(exprs).to_numpy().astype(np.float64, copy=False)
+
+
+# Columns a prediction row may carry: None is required; an omitted optional one takes its
+# number, or its function of the row (one token per decoding request, one prefilling request).
+INPUT_COLUMNS: dict[str, dict[str, Any]] = {
+    "beta": {"prefill_tokens": None, "decode_tokens": None, "running_depth": None, "kv_usage_gpu_ratio": None,
+             "scheduled_tokens": lambda r: r["prefill_tokens"] + r["decode_tokens"],
+             "num_prefill_reqs": lambda r: int(r["prefill_tokens"] > 0), "num_decode_reqs": lambda r: r["decode_tokens"],
+             "kv_blocks_offloaded": 0, "kv_blocks_restored": 0},
+    "alpha": {"prompt_tokens": None, "waiting_depth": None, "running_depth": None, "kv_usage_gpu_ratio": None},
+}
+
+
+def rows_frame(target: str, rows: list[Mapping[str, Any]], where: str) -> pl.DataFrame:
+    """Validate raw input rows for ``target`` and fill documented defaults."""
+    if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
+        raise ArtifactError(f"{where}: '{target}' must be a list of objects")
+    spec = INPUT_COLUMNS[target]
+    cols: dict[str, list[float]] = {name: [] for name in spec}
+    for i, r in enumerate(rows):
+        row: dict[str, float] = {}  # this row's fields validated so far (derived defaults read them)
+        for name, default in spec.items():
+            v = r.get(name, default)
+            if v is None:
+                raise ArtifactError(f"{where}: {target} row {i} is missing {name!r}")
+            if callable(v):
+                v = v(row)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+                raise ArtifactError(f"{where}: {target} row {i} field {name!r} must be a non-negative number, got {v!r}")
+            row[name] = float(v)
+        for name, v in row.items():
+            cols[name].append(v)
+    return pl.DataFrame({k: pl.Series(k, v, dtype=pl.Float64) for k, v in cols.items()},
+                        schema={k: pl.Float64 for k in spec})
 
 
 def attach_load(requests: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:

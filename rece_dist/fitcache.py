@@ -22,7 +22,8 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-# TrainSettings fields a specialist's fits depend on (besides its rows)
+# TrainSettings fields a specialist's fits depend on besides its rows (borrow and rows_per_config
+# act through the parts' weights and sampled shares)
 FIT_SETTINGS = ("quantiles", "l1", "noncrossing", "max_fit_rows", "solver", "seed")
 
 

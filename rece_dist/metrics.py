@@ -7,9 +7,12 @@ For observations y and predicted quantiles q_tau:
     interval_cov  = mean( q_lo <= y <= q_hi )              (ideal: tau_hi - tau_lo)
     width         = median( q_hi - q_lo )
     mape_p50      = median( |q_0.5 - y| / |y| )            (rows with y != 0)
+    rel_pinball   = mean_tau( pinball_tau ) / mean( |y| )  (scale-free: comparable across configurations)
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -48,3 +51,11 @@ def quantile_metrics(y: np.ndarray, values: np.ndarray, quantiles: tuple[float, 
     if 0.5 in quantiles:
         out["mape_p50"] = mape(y, values[:, quantiles.index(0.5)])
     return out
+
+
+def relative_pinball(y: np.ndarray, values: np.ndarray, quantiles: Sequence[float]) -> float:
+    """Mean pinball loss over the quantiles divided by mean |y|: comparable across configurations."""
+    if not len(y):
+        return float("nan")
+    loss = np.mean([pinball(y, values[:, j], tau) for j, tau in enumerate(quantiles)])
+    return float(loss / np.mean(np.abs(y)))

@@ -1,11 +1,13 @@
-"""The RECE training job: store -> features -> embedding/clustering -> fits -> artifact.
+"""The RECE fits: store -> features -> embedding/clustering -> fits -> artifact document.
 
-Data flows one way and every heavy step is a Ray task over plain numpy data:
+Data flows one way and every heavy step is a Ray task over plain numpy data (the recipe's
+validation refits and the job itself, ``train``, are ``recipe.py``'s):
 
 1. ``shards.featurize_store``: one task per (configuration, date) shard reads only the
    columns it needs (or takes them from the feature cache) and returns alpha/beta feature
    matrices (natural units), targets and a held-out mask. Settings: ``settings.py``.
-2. The driver embeds the configurations and clusters them into specialists (small).
+2. ``fit_profile`` fits the embedding's pooled P50 model on a capped row sample; the driver
+   embeds the configurations (``embedding.LatencyProfile``) and clusters them into specialists.
 3. ``prepare``: per shard and target, training rows are scaled by the specialist's column
    scale and weighted so each configuration counts by its share inside its specialist
    (members equally, borrowed configurations through a row sample); the result is put in the
@@ -27,26 +29,26 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import ray
 
 from . import artifact as artifact_mod
-from .config import CONFIG_VECTOR, DeploymentConfig, config_vector
+from .config import DeploymentConfig
 from .ensemble import RECEModel, _qkey
-from .errors import ReceError, StoreError
+from .errors import StoreError
 from .features import FEATURES, TARGET_DEFINITION, TARGET_UNITS, column_scale
 from .fitcache import FitBatch, FitCache, fit_key
 from .metrics import quantile_metrics
 from .progress import RETRIES, gather, log
 from .quantile import fit_quantile, fit_quantile_sharded, resolve_crossings
-from .settings import TrainSettings
-from .shards import TARGETS, FeatureSet, Shard, featurize_store
-from .specialists import Clustering, Embedding, cluster
-from .store import Partition, S3Options
+from .settings import VALIDATION_ROWS_PER_CONFIG, TrainSettings
+from .shards import TARGETS, FeatureSet, Shard, featurize_store, probe_ranges
+from .embedding import LatencyProfile, probe_rows, typical_grid
+from .specialists import Clustering, cluster
 
-__all__ = ["TARGETS", "FeatureSet", "TrainResult", "TrainSettings", "featurize_store", "fit_ensemble", "train"]
+__all__ = ["TARGETS", "FeatureSet", "TrainSettings", "featurize_store", "fit_ensemble"]
 
 
 def independent_columns(gram: np.ndarray, scale: np.ndarray, rtol: float = 1e-9) -> np.ndarray:
@@ -75,14 +77,6 @@ def independent_columns(gram: np.ndarray, scale: np.ndarray, rtol: float = 1e-9)
     mask = np.zeros(len(G), dtype=bool)
     mask[keep] = True
     return mask
-
-
-@dataclass
-class TrainResult:
-    artifact: dict[str, Any]
-    partitions: list[Partition]  # every input partition (for the manifest's data fingerprint)
-    seconds: float
-    features: "FeatureSet"  # still in the object store: drift checks score on the same rows
 
 
 # --- Ray tasks --------------------------------------------------------------------------------
@@ -124,6 +118,70 @@ def config_shares(ids: list[str], members: list[str], borrow: float) -> dict[str
         return {c: 1.0 for c in members}
     inside = set(members)
     return {c: 1.0 if c in inside else borrow for c in ids}
+
+
+# The specialist index under which a pooled target's one model is fitted (every specialist carries it).
+POOLED = -1
+
+
+@dataclass(frozen=True)
+class Design:
+    """What one specialist's fits of one target train on: per shard (index, weight, sampled share),
+    the solver's column scale and kept columns, the members' training rows, the features zero on
+    every training row, and the rows the fits will see."""
+
+    parts: list[tuple[int, float, float]]
+    scale: np.ndarray
+    columns: np.ndarray
+    rows: int
+    unobserved: np.ndarray
+    size: float
+
+    def prepare(self, fs: FeatureSet, target: str, seed: int) -> list[ray.ObjectRef]:
+        """The design's training rows, one ``prepare`` task per shard, left in the object store."""
+        return [prepare.remote(fs.shard_refs[i], target, self.scale, self.columns, w, keep, seed)
+                for i, w, keep in self.parts]
+
+
+def design(fs: FeatureSet, target: str, by_config: dict[str, list[int]], members: list[str], borrow: float,
+           rows_per_config: int | None) -> Design:
+    """The design of a specialist with ``members`` among the training configurations ``by_config``.
+
+    Each configuration weighs its share (``config_shares``) whatever its row count; with
+    ``rows_per_config`` a configuration's rows are a fixed random sample of at most that many,
+    at the row weight that keeps its share."""
+    st = fs.stats
+    share = config_shares(sorted(by_config), members, borrow)
+    idx = [i for c in share for i in by_config[c]]
+    col_max = np.vstack([st[i].col_max[target] for i in idx])
+    scale = column_scale(col_max)
+    cols = independent_columns(sum(st[i].gram[target] for i in idx), scale)
+    n_cfg = {c: sum(st[i].train_rows[target] for i in by_config[c]) for c in share}
+    n_fit = {c: min(n, rows_per_config or n) for c, n in n_cfg.items()}
+    fit_total = sum(n_fit[c] for c in members)
+    keep = {c: share[c] * n_fit[c] / n_cfg[c] for c in share if n_cfg[c]}
+    used = [i for i in idx if st[i].train_rows[target]]
+    parts = [(i, fit_total * share[st[i].config_id] / (len(members) * n_cfg[st[i].config_id]), keep[st[i].config_id])
+             for i in used]
+    return Design(parts, scale, cols, sum(n_cfg[c] for c in members), col_max.max(axis=0) == 0,
+                  sum(st[i].train_rows[target] * keep[st[i].config_id] for i in used))
+
+
+def fit_profile(fs: FeatureSet, settings: TrainSettings, by_config: dict[str, list[int]]) -> LatencyProfile:
+    """The embedding (``embedding.LatencyProfile``): probe batches at the training configurations'
+    typical inputs, and a pooled P50 beta model on at most
+    ``VALIDATION_ROWS_PER_CONFIG`` rows per configuration (a profile of ~27 log latencies needs no
+    more, and its cost then does not grow with the store)."""
+    ids = sorted(by_config)
+    ranges = probe_ranges(fs, ids, [i for c in ids for i in by_config[c]])
+    grid = typical_grid([ranges[c]["beta"] for c in ids])
+    cap = min(settings.rows_per_config or VALIDATION_ROWS_PER_CONFIG, VALIDATION_ROWS_PER_CONFIG)
+    d = design(fs, "beta", by_config, ids, 1.0, cap)
+    refs = d.prepare(fs, "beta", settings.seed)
+    task = (fit_sharded.remote(0.5, settings.l1, settings.solver, settings.seed, int(np.count_nonzero(d.columns)), refs)
+            if d.size > settings.max_fit_rows else fit.remote(0.5, settings.l1, settings.solver, settings.seed, *refs))
+    p50 = gather([task], "embedding fit")[0]
+    return LatencyProfile(probe_rows({"beta": grid})["beta"], np.asarray(_natural(p50.coef, d.scale, d.columns)))
 
 
 def _penalize(p: int) -> np.ndarray:
@@ -181,15 +239,17 @@ evaluate_shard = ray.remote(max_retries=RETRIES)(score_shard)
 
 def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | None = None,
                  labels: dict[str, int] | None = None, timings: dict[str, Any] | None = None,
-                 cache: FitCache | None = None) -> dict[str, Any]:
+                 cache: FitCache | None = None, pooled: Sequence[str] = ()) -> dict[str, Any]:
     """Embed, cluster and fit on the given shards (default: all); returns the artifact document.
 
     ``timings``, if given, receives wall times of the fit phases and every LP's own seconds
     (kept out of the artifact, whose bytes must not depend on the clock).
 
     ``labels`` fixes the specialists instead of clustering (baselines: one global group, one
-    group per configuration); only a clustered fit gets ``settings.calibrate_folds``' widening.
-    ``cache`` shares specialist fits between calls (``fitcache.py``).
+    group per configuration). A target in ``pooled`` gets one model fitted on every training
+    configuration, carried by every specialist (``recipe.select_models`` decides which).
+    ``cache`` shares specialist fits between calls (``fitcache.py``). The validation refits
+    of the recipe (interval calibration, model selection) are ``recipe.fit_recipe``'s.
     """
     shards = list(range(len(fs.stats))) if shards is None else shards
     ids = sorted({fs.stats[i].config_id for i in shards})
@@ -198,58 +258,38 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     by_config: dict[str, list[int]] = {}
     for i in shards:
         by_config.setdefault(fs.stats[i].config_id, []).append(i)
-    vectors = np.vstack([config_vector(fs.configs[c]) for c in ids])
-    emb = Embedding.fit(vectors)
-    E = emb(vectors)
+    profile = fit_profile(fs, settings, by_config)
+    E = np.vstack([profile(fs.configs[c]) for c in ids])
     if labels is None:
         clus = cluster(E, settings.specialists, settings.clustering, settings.seed)
     else:
-        lab = np.array([labels[c] for c in ids])
-        _, lab = np.unique(lab, return_inverse=True)
-        clus = Clustering(lab, np.vstack([E[lab == j].mean(axis=0) for j in range(lab.max() + 1)]),
-                          "given", int(lab.max() + 1), None)
+        clus = Clustering.given(E, np.array([labels[c] for c in ids]))
     members = {j: [c for c, lab in zip(ids, clus.labels) if lab == j] for j in range(clus.k)}
     sil = "n/a" if clus.silhouette is None else f"{clus.silhouette:.3f}"
     log(f"[rece] {len(ids)} configurations -> {clus.k} specialists ({clus.method}, silhouette {sil})")
 
     # prepare + fit, every (target, specialist, quantile) an independent task
-    st = fs.stats
-    scales: dict[tuple[str, int], np.ndarray] = {}
-    columns: dict[tuple[str, int], np.ndarray] = {}
-    unobserved: dict[tuple[str, int], np.ndarray] = {}  # features zero on every training row
-    rows: dict[tuple[str, int], int] = {}
+    designs: dict[tuple[str, int], Design] = {}
     fit_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     sharded: list[tuple[str, int]] = []
     crossing: dict[tuple[str, int], Any] = {}
     todo: list[tuple[float, tuple[str, int], Any, tuple]] = []  # (rows, key, task, its arguments)
+    groups = {t: {POOLED: ids} if t in pooled else members for t in TARGETS}
     with FitBatch(cache) as batch:  # on an error, whoever waits for this call's specialists gets it
         for t in TARGETS:
-            for j, cids in members.items():
-                share = config_shares(ids, cids, settings.borrow)
-                idx = [i for c in share for i in by_config[c]]
-                col_max = np.vstack([st[i].col_max[t] for i in idx])
-                scale = column_scale(col_max)
-                unobserved[(t, j)] = col_max.max(axis=0) == 0
-                cols = independent_columns(sum(st[i].gram[t] for i in idx), scale)
-                n_cfg = {c: sum(st[i].train_rows[t] for i in by_config[c]) for c in share}
-                total = sum(n_cfg[c] for c in cids)
-                parts = [(i, total * share[st[i].config_id] / (len(cids) * n_cfg[st[i].config_id]),
-                          share[st[i].config_id]) for i in idx if st[i].train_rows[t]]
-                scales[(t, j)], columns[(t, j)], rows[(t, j)] = scale, cols, total
-                if not batch.claim((t, j), fit_key(t, parts, scale, cols, settings.to_dict())):
+            for j, cids in groups[t].items():
+                d = designs[(t, j)] = design(fs, t, by_config, cids, settings.borrow, settings.rows_per_config)
+                if not batch.claim((t, j), fit_key(t, d.parts, d.scale, d.columns, settings.to_dict())):
                     continue
-                refs = [prepare.remote(fs.shard_refs[i], t, scale, cols, w, keep, settings.seed)
-                        for i, w, keep in parts]
-                part_refs[(t, j)] = refs
-                size = sum(st[i].train_rows[t] * share[st[i].config_id] for i in idx)
-                if size > settings.max_fit_rows:
+                refs = part_refs[(t, j)] = d.prepare(fs, t, settings.seed)
+                if d.size > settings.max_fit_rows:
                     sharded.append((t, j))
                     log(f"[rece] {t} specialist {j}: more than {settings.max_fit_rows:,} rows, fitted over "
                         f"{len(refs)} shards; crossings left to rearrangement at prediction")
-                    todo.append((size, (t, j), fit_sharded, (int(np.count_nonzero(cols)), refs)))
+                    todo.append((d.size, (t, j), fit_sharded, (int(np.count_nonzero(d.columns)), refs)))
                 else:
-                    todo.append((size, (t, j), fit, tuple(refs)))
+                    todo.append((d.size, (t, j), fit, tuple(refs)))
                 fit_refs[(t, j)] = []  # filled below; the keys keep the artifact's order
         # largest first (LPT order): the longest fit must not start last and run alone at the end
         for _, key, task, args in sorted(todo, key=lambda x: -x[0]):
@@ -264,7 +304,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
             timings.update(lp_seconds=[f.seconds for fl in fits.values() for f in fl],
                            lp_rows=[f.n_rows for fl in fits.values() for f in fl], design_refs=dict(part_refs),
                            design_rows={k: fl[0].n_rows for k, fl in fits.items()},
-                           design_cols={k: int(np.count_nonzero(columns[k])) for k in fits})
+                           design_cols={k: int(np.count_nonzero(designs[k].columns)) for k in fits})
         if settings.noncrossing and len(settings.quantiles) > 1:
             keys = [k for k in fits if k not in sharded]
             refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
@@ -273,66 +313,8 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
         if timings is not None:
             timings.update(fit_wall_s=t1 - t0, noncrossing_wall_s=time.monotonic() - t1)
     batch.complete(fits, crossing)
-    dates = sorted({st[i].date for i in shards})
-    doc = _assemble(fs.configs, ids, emb, clus, members, fits, scales, columns, unobserved, rows, crossing, settings,
-                    dates)
-    if settings.calibrate_folds and labels is None:
-        doc["unseen_calibration"] = unseen_calibration(fs, settings, shards)
-    return doc
-
-
-def widening_factor(ratio: np.ndarray, weight: np.ndarray, level: float) -> float:
-    """Smallest c >= 0 with weighted P(ratio <= c) >= level (inverted CDF, so it is attained)."""
-    ok = np.isfinite(ratio)
-    if not ok.any():
-        return 1.0
-    return max(0.0, float(np.quantile(ratio[ok], level, weights=weight[ok], method="inverted_cdf")))
-
-
-def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int]) -> dict[str, Any]:
-    """Per target and quantile, how far from the median a quantile must move to hold its level
-    on configurations the fit never saw (split-conformal over groups of configurations).
-
-    Held-out intervals of seen configurations only carry within-configuration noise; on a new
-    configuration the model's own transfer error adds to it. Fold k refits on every group but
-    k and predicts group k's rows; for tau below the median the factor is the (1 - tau)
-    quantile of (q_mid - y) / (q_mid - q_tau), above it the tau quantile of (y - q_mid) /
-    (q_tau - q_mid), every configuration weighing the same.
-    """
-    ids = sorted({fs.stats[i].config_id for i in shards})
-    if len(ids) < 3:
-        raise ReceError(f"--calibrate-folds needs at least 3 configurations to hold some out; got {len(ids)}")
-    n = min(settings.calibrate_folds, len(ids))
-    inner = dataclasses.replace(settings, calibrate_folds=0)
-    order = np.random.default_rng(settings.seed).permutation(len(ids))
-    qs = settings.quantiles
-    mid = len(qs) // 2
-    held: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}  # (target, config) -> (y, quantiles)
-    groups = []  # per fold: what it held out and what its fit says it trained on (auditable nesting)
-    for k in range(n):
-        out = {ids[i] for i in order[k::n]}
-        log(f"[rece] unseen calibration: fold {k + 1}/{n}, holding out {len(out)} configuration(s)")
-        doc = fit_ensemble(fs, inner, [i for i in shards if fs.stats[i].config_id not in out])
-        groups.append({"held_out": sorted(out), "trained_on": sorted(doc["configurations"])})
-        test = [i for i in shards if fs.stats[i].config_id in out]
-        for i, res in zip(test, predict_shards(doc, fs, test, rows="all")):
-            for t in TARGETS:
-                held.setdefault((t, fs.stats[i].config_id), []).append(res[t][:2])
-    factors: dict[str, dict[str, float]] = {}
-    for t in TARGETS:
-        per_config = [(np.concatenate([p[0] for p in v]), np.vstack([p[1] for p in v]))
-                      for (tt, _), v in sorted(held.items()) if tt == t]
-        y = np.concatenate([p[0] for p in per_config])
-        V = np.vstack([p[1] for p in per_config])
-        w = np.concatenate([np.full(len(p[0]), 1.0 / max(len(p[0]), 1)) for p in per_config])
-        factors[t] = {}
-        for j, q in enumerate(qs):
-            d = V[:, j] - V[:, mid]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = (y - V[:, mid]) / d
-            level = q if j > mid else 1 - q
-            factors[t][_qkey(q)] = 1.0 if j == mid else widening_factor(np.where(d != 0, ratio, np.nan), w, level)
-    return {"method": "grouped cross-validation over configurations", "folds": n, "factors": factors, "groups": groups}
+    dates = sorted({fs.stats[i].date for i in shards})
+    return _assemble(fs.configs, ids, profile, clus, members, fits, designs, crossing, settings, dates, pooled)
 
 
 def score_refs(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows: str = "holdout",
@@ -356,25 +338,6 @@ def predict_shards(doc: dict[str, Any], fs: FeatureSet, shards: list[int], rows:
     return gather(score_refs(doc, fs, shards, rows, top_k, temperature), "evaluation")
 
 
-def train(store_uri: str, settings: TrainSettings, s3: S3Options | None = None,
-          timings: dict[str, Any] | None = None, feature_cache: str | None = None) -> TrainResult:
-    """Train a RECE artifact from a store. Raises ``ReceError`` with a clear message on bad input.
-
-    ``timings``, if given, receives each phase's wall seconds (``featurize_s``, ``fit_s``,
-    ``held_out_s``) and ``fit_ensemble``'s own (for ``bench/bench_scale.py``); ``feature_cache``
-    is the artifact root whose feature cache ``featurize_store`` goes through."""
-    t0 = time.monotonic()
-    fs = featurize_store(store_uri, settings, s3, feature_cache)
-    t1 = time.monotonic()
-    doc = fit_ensemble(fs, settings, timings=timings)
-    t2 = time.monotonic()
-    doc["metrics"] = _held_out_metrics(doc, fs, settings)
-    t3 = time.monotonic()
-    if timings is not None:
-        timings.update(featurize_s=t1 - t0, fit_s=t2 - t1, held_out_s=t3 - t2)
-    return TrainResult(doc, fs.partitions, t3 - t0, fs)
-
-
 def _natural(coef: np.ndarray, scale: np.ndarray, columns: np.ndarray) -> list[float]:
     """Solver coefficients (scaled, kept columns) -> natural units over every feature (0 if dropped)."""
     out = np.zeros(len(scale))
@@ -382,35 +345,35 @@ def _natural(coef: np.ndarray, scale: np.ndarray, columns: np.ndarray) -> list[f
     return out.tolist()
 
 
-def _assemble(configs, ids, emb, clus, members, fits, scales, columns, unobserved, rows, crossing, settings: TrainSettings,
-              dates: list[str]) -> dict[str, Any]:
+def _assemble(configs, ids, profile: LatencyProfile, clus: Clustering, members, fits, designs: dict[tuple[str, int], Design],
+              crossing, settings: TrainSettings, dates: list[str], pooled: Sequence[str]) -> dict[str, Any]:
     specialists = []
     for j, cids in members.items():
-        coefficients = {t: {_qkey(f.tau): _natural(f.coef, scales[(t, j)], columns[(t, j)]) for f in fits[(t, j)]}
-                        for t in TARGETS}
+        key = {t: (t, POOLED if t in pooled else j) for t in TARGETS}
+        dj = {t: designs[key[t]] for t in TARGETS}
         specialists.append({
             "id": j,
             "centroid": clus.centroids[j].tolist(),
             "members": cids,
-            "rows": {t: rows[(t, j)] for t in TARGETS},
-            "coefficients": coefficients,
-            "solver_scale": {t: scales[(t, j)].tolist() for t in TARGETS},
-            "fitted_columns": {t: columns[(t, j)].tolist() for t in TARGETS},
-            "unobserved_columns": {t: unobserved[(t, j)].tolist() for t in TARGETS},
+            "rows": {t: dj[t].rows for t in TARGETS},
+            "coefficients": {t: {_qkey(f.tau): _natural(f.coef, dj[t].scale, dj[t].columns) for f in fits[key[t]]}
+                             for t in TARGETS},
+            "solver_scale": {t: dj[t].scale.tolist() for t in TARGETS},
+            "fitted_columns": {t: dj[t].columns.tolist() for t in TARGETS},
+            "unobserved_columns": {t: dj[t].unobserved.tolist() for t in TARGETS},
             "fit": {t: [{"tau": f.tau, "objective": f.objective, "status": f.status, "rows_solved": f.n_solved_rows,
-                         "rounds": f.rounds} for f in fits[(t, j)]] for t in TARGETS},
-            "crossings": {t: _crossing_dict(crossing.get((t, j))) for t in TARGETS},
+                         "rounds": f.rounds} for f in fits[key[t]]] for t in TARGETS},
+            "crossings": {t: _crossing_dict(crossing.get(key[t])) for t in TARGETS},
         })
     return {
         "schema_version": artifact_mod.SCHEMA_VERSION,
         "quantiles": list(settings.quantiles),
         "targets": {t: {"definition": TARGET_DEFINITION[t], "units": TARGET_UNITS[t],
-                        "features": [{"name": f.name, "formula": f.formula, "units": f.units} for f in FEATURES[t]]}
+                        "features": [{"name": f.name, "formula": f.formula, "units": f.units} for f in FEATURES[t]],
+                        "model": "pooled" if t in pooled else "specialists"}
                     for t in TARGETS},
-        "config_vector": {"entries": [{"name": e.name, "formula": e.formula} for e in CONFIG_VECTOR],
-                          "center": emb.center.tolist(), "scale": emb.scale.tolist(),
-                          "similarity": "cosine of (v - center) / scale"},
-        "mixing": {"rule": "softmax-cosine", "temperature": settings.temperature, "top_k": settings.top_k,
+        "embedding": profile.to_doc(),
+        "mixing": {"rule": "softmax-rms-distance", "temperature": settings.temperature, "top_k": settings.top_k,
                    "noncrossing": "monotone-rearrangement"},
         "clustering": {"method": clus.method, "k_requested": clus.k_requested, "k": clus.k,
                        "silhouette": clus.silhouette},
@@ -418,7 +381,7 @@ def _assemble(configs, ids, emb, clus, members, fits, scales, columns, unobserve
         "configurations": {c: {"label": configs[c].label, "specialist": int(clus.labels[i]), **configs[c].to_dict()}
                            for i, c in enumerate(ids)},
         "training": {
-            "rows": {t: int(sum(rows[(t, j)] for j in members)) for t in TARGETS},
+            "rows": {t: int(sum(d.rows for (tt, j), d in designs.items() if tt == t)) for t in TARGETS},
             "configurations": len(ids),
             "date_window": [dates[0], dates[-1]],
             "settings": settings.to_dict(),

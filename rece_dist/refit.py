@@ -2,9 +2,9 @@
 
 What the evaluation protocols, the donor experiment and the drift gate share, so that none of
 them imports another: a `FitRequest` names training shards and a kind of fit ("rece",
-"global", "per_config"); a `Fitter` runs each distinct request once (``pipeline.fit_ensemble``);
-a `PredictJob` scores shards with a fitted document in Ray tasks, one `Cell` per configuration
-and target; `aggregate` turns cells into metric tables.
+"global", "per_config"); a `Fitter` runs each distinct request once (``recipe.fit_recipe``,
+``pipeline.fit_ensemble``); a `PredictJob` scores shards with a fitted document in Ray tasks,
+one `Cell` per configuration and target; `aggregate` turns cells into metric tables.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import ray
 
 from .errors import ReceError
 from .fitcache import FitCache
-from .metrics import pinball, quantile_metrics
+from .metrics import quantile_metrics, relative_pinball
 from .pipeline import TARGETS, FeatureSet, TrainSettings, fit_ensemble, score_shard
+from .recipe import fit_recipe
 from .progress import RETRIES, gather, log
 
 
@@ -61,10 +62,22 @@ class Fitter:
     share their unchanged specialists (``fitcache.FitCache``: a configuration's own model is
     solved once for every fold that trains on all its shards). Distinct fits run a few at a
     time from driver threads so a cluster is not idle between one fit's LPs and the next.
+
+    ``fit_rows`` caps every refit's training rows per configuration and target (a fixed random
+    sample, ``TrainSettings.rows_per_config``), so that validation costs scale with the number
+    of configurations and folds, not with the store's rows.
+
+    A "rece" request is the recipe (``recipe.fit_recipe``): its interval calibration is nested
+    in each fold. Its per-target model choice is not (``select_folds`` 0): a fold's "rece" fit
+    keeps the specialists for both targets and its "global" fit is the pooled alternative, so
+    every evaluation reports both candidates the choice is between.
     """
 
-    def __init__(self, fs: FeatureSet, settings: TrainSettings, parallel: int = 3):
+    def __init__(self, fs: FeatureSet, settings: TrainSettings, parallel: int = 3, fit_rows: int | None = None):
         self.fs = fs
+        settings = dataclasses.replace(settings, select_folds=0)
+        if fit_rows is not None:
+            settings = dataclasses.replace(settings, rows_per_config=min(settings.rows_per_config or fit_rows, fit_rows))
         self.settings = settings
         self.parallel = parallel
         self.docs: dict[FitRequest, dict[str, Any]] = {}
@@ -84,6 +97,8 @@ class Fitter:
     def _fit(self, req: FitRequest) -> dict[str, Any]:
         settings = dataclasses.replace(self.settings, specialists=req.specialists or self.settings.specialists,
                                        borrow=req.borrow)
+        if req.kind == "rece":
+            return fit_recipe(self.fs, settings, list(req.train), cache=self.cache)
         ids = {self.fs.stats[i].config_id for i in req.train}
         return fit_ensemble(self.fs, settings, list(req.train), fit_labels(req.kind, ids), cache=self.cache)
 
@@ -199,14 +214,6 @@ def predict_cells(fs: FeatureSet, jobs: Sequence[PredictJob], label: str = "pred
 
 
 # --- aggregation --------------------------------------------------------------------------------
-
-def relative_pinball(y: np.ndarray, values: np.ndarray, quantiles: Sequence[float]) -> float:
-    """Mean pinball loss over the quantiles divided by mean |y|: comparable across configurations."""
-    if not len(y):
-        return float("nan")
-    loss = np.mean([pinball(y, values[:, j], tau) for j, tau in enumerate(quantiles)])
-    return float(loss / np.mean(np.abs(y)))
-
 
 def group_metrics(cs: Sequence[Cell], qs: tuple[float, ...]) -> dict[str, Any]:
     """``quantile_metrics`` and relative pinball over one group's pooled rows, and the macro mean."""

@@ -27,7 +27,7 @@ import polars as pl  # noqa: E402
 from .donors import describe  # noqa: E402
 from .ensemble import RECEModel  # noqa: E402
 from .evaluate.run import ev_targets  # noqa: E402
-from .evaluate.targets import rece_method, targets_rows  # noqa: E402
+from .evaluate.targets import targets_rows  # noqa: E402
 from .evaluate import (PROTOCOL_TITLES, SPLITS, Evaluation, Method, baseline_rows, fmt,  # noqa: E402
                        short_label, sweep_text, table_footnotes)
 from .evaluate.baselines import _folds  # noqa: E402
@@ -122,9 +122,11 @@ def plot_embedding(ev: Evaluation, out: Path) -> str:
     E = np.vstack([model.embed(ev.configs[c]) for c in ids])
     mean = E.mean(axis=0)
     _, s, Vt = np.linalg.svd(E - mean, full_matrices=False)
-    P = (E - mean) @ Vt[:2].T
-    C = (model.centroids - mean) @ Vt[:2].T
-    share = (s[:2] ** 2 / max((s ** 2).sum(), 1e-12))
+    pad = np.zeros((2 - min(len(Vt), 2), E.shape[1]))  # an embedding of one probe has one axis
+    axes2 = np.vstack([Vt[:2], pad])
+    P = (E - mean) @ axes2.T
+    C = (model.centroids - mean) @ axes2.T
+    share = np.append(s[:2] ** 2 / max((s ** 2).sum(), 1e-12), [0.0, 0.0])[:2]
     fig, ax = plt.subplots(figsize=(9, 6.5))
     cmap = plt.get_cmap("tab10")
     for i, c in enumerate(ids):
@@ -229,7 +231,7 @@ def plot_sensitivity(ev: Evaluation, out: Path) -> str | None:
 
 
 def plot_embedding_check(ev: Evaluation, out: Path) -> str | None:
-    """Embedding cosine distance against latency-behaviour distance, per config pair."""
+    """Embedding (latency profile) distance against latency-behaviour distance, per config pair."""
     chk = ev.embedding
     if chk is None:
         return None
@@ -237,8 +239,8 @@ def plot_embedding_check(ev: Evaluation, out: Path) -> str | None:
     for ax, t in zip(axes, TARGETS):
         sp = chk.spearman[t]
         ax.scatter(chk.emb_distance, chk.behaviour_distance[t], s=14, alpha=0.7)
-        ax.set(xlabel="embedding distance (1 - cosine)", ylabel="behaviour distance (RMS log P50 ratio)",
-               title=f"{t}: Spearman {sp['cosine']:.2f} (Mantel p {sp['p_cosine']:.3f})")
+        ax.set(xlabel="embedding distance (RMS log ratio of profiles)", ylabel="behaviour distance (RMS log P50 ratio)",
+               title=f"{t}: Spearman {sp['mixing']:.2f} (Mantel p {sp['p_mixing']:.3f})")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, out, "embedding_validation.png")
@@ -328,8 +330,9 @@ def render_html(rv: Review, images: dict[str, str | None]) -> str:
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {rv.seconds:.0f} s.</p>"]
     targets = ev_targets(ev)
     if len(targets):
-        parts.append("<h2>Transfer targets</h2><p class='note'>Unseen configurations, "
-                     f"{html.escape(rece_method(ev.artifact, ev.methods))}: P50 MAPE over the own-data (per-configuration) models' MAPE "
+        parts.append("<h2>Transfer targets</h2><p class='note'>Unseen configurations, the artifact's model for each "
+                     "target (RECE as it mixes, or the global model where its model selection pooled the target): "
+                     "P50 MAPE over the own-data (per-configuration) models' MAPE "
                      "on seen ones, with the worst configuration's ratio; P10-P90 coverage (target 80% +- 5 pp; "
                      "seen +- 3 pp) and median width; relative pinball gain over the global model and the nearest "
                      "donor (target >= 20%); Spearman of embedding vs behaviour distance (beta >= 0.6). "
@@ -368,38 +371,37 @@ def render_html(rv: Review, images: dict[str, str | None]) -> str:
     clus = doc.get("clustering", {})
     sizes = ", ".join(f"specialist {sp['id']}: {len(sp['members'])}" for sp in doc["specialists"])
     parts.append(f"<p class='note'>Artifact clustering: {html.escape(str(clus.get('method')))}, K={clus.get('k')}, "
-                 f"cosine silhouette {fmt(clus.get('silhouette'), 'num')}; sizes {html.escape(sizes)}.</p>")
+                 f"silhouette {fmt(clus.get('silhouette'), 'num')}; sizes {html.escape(sizes)}.</p>")
     if ev.embedding is not None:
         chk = ev.embedding
-        rows = [["target", "Spearman (cosine distance)", "Mantel p", "Spearman (Euclidean distance)",
-                 "Spearman, model-based coordinates (not used for mixing)"]]
-        rows += [[t, fmt(chk.spearman[t]["cosine"], "num"), fmt(chk.spearman[t]["p_cosine"], "num"),
-                  fmt(chk.spearman[t]["euclidean"], "num"), fmt(chk.spearman[t].get("model_rms"), "num")]
-                 for t in TARGETS]
+        rows = [["target", "Spearman, mixing embedding (latency profile)", "Mantel p",
+                 "Spearman, configuration vector (cosine)", "Spearman, configuration vector (Euclidean)",
+                 "Spearman, profile from a model that never saw the configuration"]]
+        rows += [[t, fmt(chk.spearman[t]["mixing"], "num"), fmt(chk.spearman[t]["p_mixing"], "num"),
+                  fmt(chk.spearman[t]["config_cosine"], "num"), fmt(chk.spearman[t]["config_euclidean"], "num"),
+                  fmt(chk.spearman[t].get("model_rms"), "num")] for t in TARGETS]
         grid = "; ".join(f"{t}: " + ", ".join(f"{v} {'/'.join(f'{x:.3g}' for x in vals)}" for v, vals in g.items())
                          for t, g in chk.probe_grid.items())
-        n = len(chk.config_ids)
-        pinned = "; ".join(f"{t}: " + ", ".join(f"{v} (inside {k}/{n} ranges)" for v, k in p.items())
-                           for t, p in chk.pinned.items() if p) or "none"
         parts.append("<h3>Does embedding distance track latency behaviour?</h3><p class='note'>Behaviour of a "
                      "configuration: its own P50 model (fitted on its data alone) evaluated on a shared probe grid of "
                      "batch compositions (beta) and arrivals (alpha); behaviour distance between two configurations "
-                     "is the RMS log ratio of those predictions. The grid spans the intersection of every "
-                     "configuration's observed 10-90% range of each input, so no model is judged on extrapolation; "
-                     "an input with no common range is pinned at the value inside the most configurations' ranges "
-                     f"({html.escape(pinned)}). "
+                     "is the RMS log ratio of those predictions. The grid takes, for each input, the typical 10th, "
+                     "50th and 90th percentile over the configurations, so it covers decode-only and prefilling "
+                     "steps, small and large batches; a configuration whose own model goes below 1 us there is "
+                     "listed below. "
                      f"Grid: {html.escape(grid)}. {len(chk.config_ids)} configurations, {len(chk.emb_distance)} "
-                     "pairs; the Mantel p-value permutes configurations. Model-based coordinates (last column): each "
-                     "configuration's log P50 on the same grid from the global model of the leave-one-configuration-"
-                     "out fold that held it out, so they exist for a deployment nobody has profiled; RMS distance. "
-                     "They show how a similarity built on them would rank behaviour; mixing does not use them.</p>")
+                     "pairs; the Mantel p-value permutes configurations. Mixing embedding: each configuration's "
+                     "latency profile (log P50 step time on the artifact's probe batches from its pooled model, RMS "
+                     "distance). Configuration vector: the seed's embedding, which mixing used before. Last column: "
+                     "each configuration's log P50 on the same grid from the global model of the leave-one-"
+                     "configuration-out fold that held it out, i.e. the profile of a deployment nobody profiled.</p>")
         for t, ids in chk.clipped.items():
             if ids:
                 parts.append(f"<p class='note'>{t}: {len(ids)} configuration(s) still predict below 1 us somewhere on "
                              "the grid (their own model extrapolating; clipped there, which inflates their distances): "
                              f"{html.escape('; '.join(short_label(ev.configs[c]) for c in ids))}.</p>")
         parts.append(_table(rows) + _img(images.get("embedding_check"), "embedding validation"))
-        parts.append("<h3>Cluster quality by K</h3><p class='note'>Silhouette of the embedding clusters (cosine), "
+        parts.append("<h3>Cluster quality by K</h3><p class='note'>Silhouette of the embedding clusters (Euclidean), "
                      "and of the same labels on the behaviour vectors: high behaviour silhouette means specialists "
                      "group configurations that behave alike.</p>" + _table(_frame_rows(chk.clusters)))
     if ev.sweep is not None:

@@ -63,7 +63,7 @@ def review_artifact(artifact_ref: str, store_uri: str, options: EvalOptions = Ev
     doc, previous = load_artifact_ref(artifact_ref)
     settings = settings_of(doc)
     fs = featurize_store(store_uri, settings)
-    fitter = Fitter(fs, settings, options.parallel_fits)
+    fitter = Fitter(fs, settings, options.parallel_fits, options.fit_rows)
     ev = evaluate(fs, settings, doc, options, fitter)
     rv = Review(ev, notes=list(ev.notes))
     if run_donors:

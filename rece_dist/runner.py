@@ -15,7 +15,8 @@ from .artifact import canonical_json, summary_table
 from .blis import golden_vectors, probe_configs
 from .drift import gate
 from .featurecache import read_counts
-from .pipeline import TrainResult, TrainSettings, train
+from .recipe import TrainResult, train
+from .settings import TrainSettings
 from .progress import log
 from .publish import ManifestMeta, PublishedVersion, data_fingerprint, publish
 from .store import Store

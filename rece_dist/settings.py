@@ -11,6 +11,12 @@ from typing import Any
 
 from .errors import ReceError
 
+# Training rows per configuration and target in a validation refit (``rece evaluate``'s folds):
+# what bounds an evaluation's cost by the number of configurations, not the store's rows. A
+# linear quantile model of ~20 features is pinned down by a few thousand rows per configuration
+# (docs/transfer.md, "Evaluation cost", measures what the cap changes).
+VALIDATION_ROWS_PER_CONFIG = 4000
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -19,13 +25,15 @@ class TrainSettings:
     specialists: int = 4
     quantiles: tuple[float, ...] = (0.1, 0.5, 0.9)
     clustering: str = "kmeans"
-    temperature: float = 0.1
+    temperature: float = 0.03
     top_k: int | None = None
     borrow: float = 0.1
     calibrate_folds: int = 0
+    select_folds: int = 4               # folds of the per-target choice, specialists or pooled (0: off)
     l1: float = 0.0
     noncrossing: bool = True
     max_fit_rows: int = 10_000_000
+    rows_per_config: int | None = None  # training rows per configuration and target in a fit (None: all)
     solver: str = "HIGHS"
     date_from: str | None = None
     date_to: str | None = None
@@ -47,6 +55,10 @@ class TrainSettings:
             raise ReceError(f"--borrow must be in [0, 1], got {self.borrow}")
         if self.max_fit_rows < 1:
             raise ReceError(f"--max-fit-rows must be positive, got {self.max_fit_rows}")
+        if self.rows_per_config is not None and self.rows_per_config < 1:
+            raise ReceError(f"--rows-per-config must be positive, got {self.rows_per_config}")
+        if self.select_folds < 0 or self.select_folds == 1:
+            raise ReceError(f"--select-folds must be 0 (off) or at least 2, got {self.select_folds}")
         if self.calibrate_folds < 0 or self.calibrate_folds == 1:
             raise ReceError(f"--calibrate-folds must be 0 (off) or at least 2, got {self.calibrate_folds}")
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import polars as pl
 import ray
 
 from .config import DeploymentConfig
+from .embedding import PROBE_INPUTS
 from .errors import ClusterError, StoreError
 from .features import (FEATURES, REQUEST_READ, STEP_READ, alpha_target, attach_load, beta_target, feature_matrix,
                        holdout_mask)
@@ -203,3 +205,38 @@ def featurize_store(store_uri: str, settings: TrainSettings, s3: S3Options | Non
                                  f"in the selected window")
     return FeatureSet(store_uri, {c: configs[c] for c in ids}, [p for pair in pairs for p in pair if p],
                       [shard for _, shard in refs], stats)
+
+
+# --- probe ranges (the embedding's probe batches) ------------------------------------------------
+
+Ranges = dict[str, dict[str, tuple[float, float, float]]]  # target -> input -> (p10, p50, p90)
+
+
+@ray.remote(max_retries=RETRIES)
+def _shard_ranges(shard: Shard, cfg: DeploymentConfig) -> tuple[Ranges, dict[str, int]]:
+    """10th, 50th and 90th percentile of each probe input over one shard's rows, and its row counts."""
+    out: Ranges = {}
+    for t, inputs in PROBE_INPUTS.items():
+        names = [f.name for f in FEATURES[t]]
+        X = shard.X[t]
+        out[t] = {var: tuple(float(v) for v in np.percentile(X[:, names.index(feat)] * divisor(cfg), [10, 50, 90]))
+                  if len(X) else (0.0, 0.0, 0.0) for var, (feat, divisor) in inputs.items()}
+    return out, {t: len(shard.X[t]) for t in TARGETS}
+
+
+def probe_ranges(fs: FeatureSet, config_ids: Sequence[str], shards: Sequence[int] | None = None) -> dict[str, Ranges]:
+    """Per configuration: the central range of each probe input, one task per shard (a task holds
+    one shard); a configuration's percentiles are its shards' percentiles averaged by rows."""
+    wanted = set(config_ids)
+    pick = [i for i in (range(len(fs.stats)) if shards is None else shards) if fs.stats[i].config_id in wanted]
+    got = gather([_shard_ranges.remote(fs.shard_refs[i], fs.configs[fs.stats[i].config_id]) for i in pick],
+                 "probe ranges")
+    out: dict[str, Ranges] = {}
+    for c in config_ids:
+        mine = [r for i, r in zip(pick, got) if fs.stats[i].config_id == c]
+        out[c] = {}
+        for t, inputs in PROBE_INPUTS.items():
+            n = np.array([rows[t] for _, rows in mine], dtype=float)
+            w = n / n.sum() if n.sum() > 0 else np.full(len(mine), 1.0 / max(len(mine), 1))
+            out[c][t] = {var: tuple(float(v) for v in w @ np.array([r[t][var] for r, _ in mine])) for var in inputs}
+    return out

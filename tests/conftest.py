@@ -138,6 +138,7 @@ def trained(truth_store, ray_local):
 
     Each configuration there has its own law, so nothing is borrowed: every specialist must
     recover its own configuration's quantiles exactly."""
-    from rece_dist.pipeline import TrainSettings, train
+    from rece_dist.recipe import train
+    from rece_dist.settings import TrainSettings
 
     return train(truth_store[0], TrainSettings(specialists=2, seed=0, borrow=0.0))

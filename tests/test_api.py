@@ -13,7 +13,7 @@ import pytest
 
 import rece_dist
 from ground_truth import true_quantile, write_store
-from rece_dist.ensemble import rows_frame
+from rece_dist.features import rows_frame
 from rece_dist.features import feature_matrix
 
 README = Path(__file__).resolve().parents[1] / "README.md"

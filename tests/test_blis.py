@@ -20,6 +20,7 @@ from rece_dist import artifact
 from rece_dist.blis import coefficient_sets, collapsed, golden_vectors, probe_configs
 from rece_dist.config import Catalog
 from rece_dist.ensemble import RECEModel
+from rece_dist.features import feature_matrix, rows_frame
 
 
 def _reference_quantiles(doc: dict, embedding: list[float], x: list[float], target: str,
@@ -28,9 +29,7 @@ def _reference_quantiles(doc: dict, embedding: list[float], x: list[float], targ
     sims = []
     for s in doc["specialists"]:
         m = s["centroid"]
-        dot = sum(a * b for a, b in zip(embedding, m))
-        den = math.sqrt(sum(a * a for a in embedding)) * math.sqrt(sum(b * b for b in m))
-        sims.append(dot / den if den > 1e-12 else 0.0)
+        sims.append(-math.sqrt(sum((a - b) ** 2 for a, b in zip(embedding, m)) / len(m)))
     T, k = doc["mixing"]["temperature"], doc["mixing"]["top_k"]
     chosen = sorted(range(len(sims)), key=lambda i: (-sims[i], i))[: k or len(sims)]
     top = max(sims[i] for i in chosen)
@@ -50,11 +49,10 @@ def _reference_quantiles(doc: dict, embedding: list[float], x: list[float], targ
     return qs, w
 
 
-def _embedding(doc: dict, cfg) -> list[float]:
-    from rece_dist.config import config_vector  # the vector's formulas are tested in test_config
-
-    v = config_vector(cfg)
-    return [(a - c) / s for a, c, s in zip(v, doc["config_vector"]["center"], doc["config_vector"]["scale"])]
+def _embedding(doc: dict, probe_features: list[list[float]]) -> list[float]:
+    """docs/artifact.md section 2: the log of the pooled P50 model on each probe batch, floored."""
+    emb = doc["embedding"]
+    return [math.log(max(sum(a * b for a, b in zip(x, emb["coefficients"])), emb["floor_us"])) for x in probe_features]
 
 
 def test_artifact_matches_its_json_schema(trained):
@@ -87,7 +85,9 @@ def test_golden_vectors_reproduce_from_the_artifact_alone(trained, calibrated):
     catalog = Catalog.default()
     for case in golden["cases"]:
         cfg = catalog.resolve(case["configuration"], case["config_id"])
-        emb = _embedding(doc, cfg)
+        probes = rows_frame("beta", doc["embedding"]["probes"], "test")
+        np.testing.assert_allclose(case["embedding_features"], feature_matrix(probes, cfg, "beta"), rtol=1e-12)
+        emb = _embedding(doc, case["embedding_features"])
         np.testing.assert_allclose(emb, case["embedding"], rtol=1e-12, atol=1e-12)
         for target in ("alpha", "beta"):
             for row in case[target]:

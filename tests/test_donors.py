@@ -14,7 +14,7 @@ from rece_dist.donors import (distinct_splits, donor_experiment, greedy_max_min,
 from rece_dist.errors import ConfigError
 from rece_dist.refit import EvaluationError, Fitter
 from rece_dist.pipeline import TrainSettings, featurize_store
-from rece_dist.specialists import Embedding
+from rece_dist.embedding import Embedding
 from rece_dist.store import Store
 
 

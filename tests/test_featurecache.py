@@ -23,7 +23,8 @@ from ground_truth import write_store
 from rece_dist import artifact
 from rece_dist.cli import main
 from rece_dist.featurecache import PREFIX, FeatureCache, read_counts, through_cache
-from rece_dist.pipeline import TrainSettings, train
+from rece_dist.recipe import train
+from rece_dist.settings import TrainSettings
 from rece_dist.publish import resolve
 from rece_dist.shards import Shard, read_shard
 from rece_dist.store import Store

@@ -19,15 +19,8 @@ from ground_truth import write_store
 from rece_dist import artifact
 from rece_dist.ensemble import RECEModel
 from rece_dist.errors import ReceError, SchemaError, StoreError
-from rece_dist.pipeline import (
-    TrainSettings,
-    featurize_store,
-    fit_ensemble,
-    predict_shards,
-    prepare,
-    train,
-    widening_factor,
-)
+from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble, predict_shards, prepare
+from rece_dist.recipe import fit_recipe, train, widening_factor
 from rece_dist.store import Store
 
 
@@ -209,7 +202,7 @@ def test_unseen_calibration_covers_configurations_never_seen(tmp_path, ray_local
     fs = featurize_store(root, settings)
     ids = fs.config_ids
     train_shards = fs.shards_of(ids[:4])
-    doc = fit_ensemble(fs, settings, train_shards)
+    doc = fit_recipe(fs, settings, train_shards)
     cal = doc["unseen_calibration"]
     assert cal["folds"] == 4 and cal["factors"]["beta"]["0.5"] == 1.0
     plain = {k: v for k, v in doc.items() if k != "unseen_calibration"}

@@ -13,7 +13,8 @@ from ground_truth import write_store
 from rece_dist import report
 from rece_dist.cli import main
 from rece_dist.evaluate import baseline_rows
-from rece_dist.pipeline import TrainSettings, train
+from rece_dist.recipe import train
+from rece_dist.settings import TrainSettings
 from rece_dist.publish import ManifestMeta, publish
 
 SETTINGS = TrainSettings(specialists=2, holdout_every=2, noncrossing=False)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from rece_dist.config import Catalog, DeploymentConfig, ServingSettings, config_vector
+from rece_dist.embedding import Embedding, LatencyProfile, probe_rows, rms_distance
 from rece_dist.ensemble import mixing_weights, rearrange
-from rece_dist.specialists import Embedding, cluster, cosine_similarity
+from rece_dist.features import FEATURES, feature_matrix
+from rece_dist.specialists import cluster
 
 
 def _configs() -> list[DeploymentConfig]:
@@ -30,22 +32,49 @@ def test_embedding_standardises_and_keeps_constant_coordinates_finite():
     np.testing.assert_allclose(E[:, ~varying], 0)
 
 
-def test_cosine_similarity_closed_form():
-    a = np.array([1.0, 0.0])
-    B = np.array([[2.0, 0.0], [0.0, 3.0], [-1.0, -1.0], [0.0, 0.0]])
-    np.testing.assert_allclose(cosine_similarity(a, B), [1.0, 0.0, -np.sqrt(0.5), 0.0])
+def test_rms_distance_closed_form():
+    e = np.array([0.0, 1.0])
+    M = np.array([[0.0, 1.0], [1.0, 2.0], [3.0, -3.0]])
+    np.testing.assert_allclose(rms_distance(e, M), [0.0, 1.0, np.sqrt((9 + 16) / 2)])
 
 
-def test_kmeans_separates_gpus_and_is_deterministic():
+def _roofline_profile() -> LatencyProfile:
+    """A step-time law of the kind the beta features carry: 2 ms per step plus the dense roofline."""
+    b = np.zeros(len(FEATURES["beta"]))
+    names = [f.name for f in FEATURES["beta"]]
+    b[names.index("bias")], b[names.index("dense_roofline_us")] = 2000.0, 1.0
+    probes = probe_rows({"beta": {"prefill_tokens": [0.0, 1024.0], "decode_tokens": [8.0, 64.0],
+                                  "kv_usage_gpu_ratio": [0.3]}})["beta"]
+    return LatencyProfile(probes, b)
+
+
+def test_latency_profile_is_the_log_of_the_model_on_its_probes_and_round_trips():
+    prof = _roofline_profile()
+    cfg = _configs()[0]
+    X = feature_matrix(prof.probes, cfg, "beta")
+    np.testing.assert_allclose(prof(cfg), np.log(2000.0 + X[:, [f.name for f in FEATURES["beta"]].index("dense_roofline_us")]))
+    back = LatencyProfile.from_doc(prof.to_doc())
+    np.testing.assert_array_equal(back(cfg), prof(cfg))
+    floored = LatencyProfile(prof.probes, -prof.coef, floor_us=3.0)  # negative predictions sit at the floor
+    np.testing.assert_allclose(floored(cfg), np.log(3.0))
+
+
+def test_kmeans_on_profiles_groups_by_step_time_and_is_deterministic():
     cfgs = _configs()
-    E = Embedding.fit(np.vstack([config_vector(c) for c in cfgs]))(np.vstack([config_vector(c) for c in cfgs]))
+    prof = _roofline_profile()
+    E = np.vstack([prof(c) for c in cfgs])
     a = cluster(E, 2, "kmeans", seed=3)
     b = cluster(E, 2, "kmeans", seed=3)
     np.testing.assert_array_equal(a.labels, b.labels)
-    gpus = np.array([c.gpu.name for c in cfgs])
-    # the two GPUs differ in 4 coordinates at once; they are the dominant split
-    assert len(set(a.labels[gpus == "H100-SXM"])) == 1 and len(set(a.labels[gpus == "L40S"])) == 1
+    # specialists group configurations by how fast they are, not by which settings they share: an
+    # L40S at TP 2 (~10 ms steps) joins the H100s at TP 1 (~6 ms), away from the L40S at TP 1 (~18 ms)
+    by_speed = a.labels[np.argsort(E.mean(axis=1))]
+    assert (np.diff(by_speed) != 0).sum() == 1  # one threshold in step time splits the two specialists
+    label = dict(zip((c.label for c in cfgs), a.labels))
+    assert label["Llama-2-7b-hf/L40S/tp2/mbt2048/seqs128"] == label["Llama-2-7b-hf/H100-SXM/tp1/mbt2048/seqs128"]
+    assert label["Llama-2-7b-hf/L40S/tp2/mbt2048/seqs128"] != label["Llama-2-7b-hf/L40S/tp1/mbt2048/seqs128"]
     assert a.silhouette is not None and a.silhouette > 0.2
+    np.testing.assert_allclose(a.centroids[0], E[a.labels == 0].mean(axis=0))
     ag = cluster(E, 2, "agglomerative")
     assert len(set(ag.labels)) == 2
 

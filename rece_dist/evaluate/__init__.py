@@ -33,8 +33,7 @@ from __future__ import annotations
 
 from ..refit import EvaluationError
 from .baselines import SPLITS, TABLE_METRICS, Method, baseline_rows, fmt, methods, table_footnotes, text_table
-from .embedding_check import (EmbeddingCheck, behaviour_vectors, common_grid, embedding_check, mantel, pair_distances,
-                              probe_rows)
+from .embedding_check import EmbeddingCheck, behaviour_vectors, embedding_check, mantel, pair_distances
 from .protocols import (PROTOCOL_TITLES, PROTOCOLS, Fold, ProtocolRun, check_fold_docs, config_kfold, group_folds,
                         protocol_folds, run_protocol, short_label, temporal_folds)
 from .run import EvalOptions, Evaluation, Sample, artifact_splits, baseline_text, config_attrs, evaluate
@@ -42,8 +41,8 @@ from .tune import Sweep, choose, sweep, sweep_text, tune
 
 __all__ = [
     "EvaluationError", "SPLITS", "TABLE_METRICS", "Method", "baseline_rows", "fmt", "methods", "table_footnotes",
-    "text_table", "EmbeddingCheck", "behaviour_vectors", "common_grid", "embedding_check", "mantel",
-    "pair_distances", "probe_rows", "PROTOCOL_TITLES", "PROTOCOLS", "Fold", "ProtocolRun", "check_fold_docs",
+    "text_table", "EmbeddingCheck", "behaviour_vectors", "embedding_check", "mantel",
+    "pair_distances", "PROTOCOL_TITLES", "PROTOCOLS", "Fold", "ProtocolRun", "check_fold_docs",
     "config_kfold", "group_folds", "protocol_folds", "run_protocol", "short_label", "temporal_folds", "EvalOptions",
     "Evaluation", "Sample", "artifact_splits", "baseline_text", "config_attrs", "evaluate", "Sweep", "choose",
     "sweep", "sweep_text", "tune",

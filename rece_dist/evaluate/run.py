@@ -16,6 +16,7 @@ import polars as pl
 
 from ..config import DeploymentConfig
 from ..pipeline import TARGETS, FeatureSet, TrainSettings
+from ..settings import VALIDATION_ROWS_PER_CONFIG
 from ..progress import log
 from ..refit import CellRef, EvaluationError, FitRequest, Fitter, aggregate, own_mixing_job, predict_cells, sample_cells
 from .baselines import Method, _folds, baseline_rows, methods, table_footnotes, text_table
@@ -30,11 +31,12 @@ class EvalOptions:
     sparse_top_k: int = 2
     cv_folds: int | None = None            # sensitivity folds over configurations (None: one per config)
     k_grid: tuple[int, ...] = (1, 2, 4, 6)
-    temperatures: tuple[float, ...] = (0.05, 0.1, 0.3, 1.0)
+    temperatures: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     top_ks: tuple[int | None, ...] = (1, 2, None)
     borrows: tuple[float, ...] | None = None  # None: the artifact's borrow only
     sample_rows: int = 150
     parallel_fits: int = 3
+    fit_rows: int | None = VALIDATION_ROWS_PER_CONFIG  # rows per configuration and target in a refit (None: all)
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
@@ -42,6 +44,8 @@ class EvalOptions:
             raise EvaluationError(f"unknown protocol(s) {', '.join(bad)}; use {', '.join(PROTOCOLS)} or all")
         if self.sparse_top_k < 1:
             raise EvaluationError("--sparse-top-k must be at least 1")
+        if self.fit_rows is not None and self.fit_rows < 1:
+            raise EvaluationError(f"--fit-rows must be positive (or 0 for every row), got {self.fit_rows}")
 
 
 @dataclass
@@ -109,7 +113,7 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
     to share its fits with later work on the same store (the donor experiment).
     """
     t0 = time.monotonic()
-    fitter = fitter or Fitter(fs, settings, options.parallel_fits)
+    fitter = fitter or Fitter(fs, settings, options.parallel_fits, options.fit_rows)
     meths = methods(options.sparse_top_k)
     notes: list[str] = []
     runs: dict[str, ProtocolRun] = {}
@@ -162,7 +166,8 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
 
 def ev_targets(ev: Evaluation) -> pl.DataFrame:
     """The transfer targets of an evaluation (``targets.transfer_targets``)."""
-    return transfer_targets(ev.scores, ev.by_config, rece_method(ev.artifact, ev.methods), ev.configs, ev.embedding,
+    judged = {t: rece_method(ev.artifact, ev.methods, t) for t in TARGETS}
+    return transfer_targets(ev.scores, ev.by_config, judged, ev.configs, ev.embedding,
                             ev.unobserved)
 
 
@@ -174,12 +179,14 @@ def baseline_text(ev: Evaluation) -> str:
             out.append(f"== {p} ({PROTOCOL_TITLES[p]}), {t}, {_folds(len(ev.runs[p].folds))} ==")
             out.append(text_table(baseline_rows(ev.scores, ev.methods, p, t)))
         out += table_footnotes(ev.scores, ev.methods, p)
-    targets = targets_text(ev_targets(ev), rece_method(ev.artifact, ev.methods))
+    targets = targets_text(ev_targets(ev))
     sp = ev.embedding.spearman if ev.embedding is not None else {}
-    if all("model_rms" in sp.get(t, {}) for t in TARGETS) and sp:
-        targets += ("\nSpearman of behaviour distance with the mixing embedding's cosine distance: "
-                    + ", ".join(f"{t} {sp[t]['cosine']:.3f}" for t in TARGETS)
-                    + "; with model-based coordinates (log P50 on the probe grid of the global model that never "
-                      "saw the configuration; not used for mixing): "
-                    + ", ".join(f"{t} {sp[t]['model_rms']:.3f}" for t in TARGETS))
+    if sp:
+        targets += ("\nSpearman of behaviour distance with the mixing embedding (latency profile, RMS): "
+                    + ", ".join(f"{t} {sp[t]['mixing']:.3f}" for t in TARGETS)
+                    + "; with the seed's configuration vector (cosine, what mixing used before): "
+                    + ", ".join(f"{t} {sp[t]['config_cosine']:.3f}" for t in TARGETS))
+        if all("model_rms" in sp[t] for t in TARGETS):
+            targets += ("; with model-based coordinates from the global model that never saw the configuration: "
+                        + ", ".join(f"{t} {sp[t]['model_rms']:.3f}" for t in TARGETS))
     return "\n".join(out + ([targets] if targets else []))

@@ -40,8 +40,12 @@ COVERAGE_TARGET, COVERAGE_TOL, SEEN_TOL = 0.8, 0.05, 0.03
 GAIN_TARGET, SPEARMAN_TARGET = 0.2, 0.6
 
 
-def rece_method(artifact: Mapping[str, Any], meths: Sequence[Method]) -> str:
-    """The evaluated method that mixes as the artifact does."""
+def rece_method(artifact: Mapping[str, Any], meths: Sequence[Method], target: str | None = None) -> str:
+    """The evaluated method that predicts as the artifact does: for a target the artifact pools
+    (``targets.<t>.model``, chosen by ``recipe.select_models``) the global model, else RECE
+    mixed as the artifact mixes."""
+    if target is not None and artifact["targets"][target].get("model") == "pooled":
+        return "global"
     top_k = artifact["mixing"].get("top_k")
     key = "rece_dense" if top_k is None else f"rece_top{top_k}"
     return key if key in {m.key for m in meths} else "rece_dense"
@@ -71,18 +75,20 @@ def unobserved_in_folds(fs: FeatureSet, runs: Mapping[str, ProtocolRun]) -> dict
     return out
 
 
-def transfer_targets(scores: pl.DataFrame, by_config: pl.DataFrame, rece: str,
+def transfer_targets(scores: pl.DataFrame, by_config: pl.DataFrame, judged: Mapping[str, str],
                      configs: Mapping[str, DeploymentConfig], embedding: EmbeddingCheck | None,
                      unobserved: Mapping[tuple[str, str, str], Sequence[str]] | None = None) -> pl.DataFrame:
     """One row per (protocol, target) with the four targets' figures and whether each is met.
 
-    ``scores`` and ``by_config`` are an evaluation's aggregates; ``rece`` the method judged;
-    ``unobserved`` (``unobserved_in_folds``) names what the worst configuration's fold never saw.
+    ``scores`` and ``by_config`` are an evaluation's aggregates; ``judged`` the method judged per
+    target (``rece_method``); ``unobserved`` (``unobserved_in_folds``) names what the worst
+    configuration's fold never saw.
     """
     rows: list[dict[str, Any]] = []
     protocols = set(scores["protocol"].to_list()) if len(scores) else set()
     for p in (p for p in RATIO_TARGET if p in protocols):
         for t in ("beta", "alpha"):
+            rece = judged[t]
             s = scores.filter((pl.col("protocol") == p) & (pl.col("target") == t))
             own = _metric(s, "mape_p50", method="per_config", split="seen")
             mape = _metric(s, "mape_p50", method=rece, split="unseen")
@@ -100,10 +106,10 @@ def transfer_targets(scores: pl.DataFrame, by_config: pl.DataFrame, rece: str,
                 gains[base] = None if pin is None or not b else 1.0 - pin / b
             cov = _metric(s, "interval_coverage", method=rece, split="unseen")
             seen = _metric(s, "interval_coverage", method=rece, split="seen")
-            rho = embedding.spearman[t]["cosine"] if embedding is not None else None
+            rho = embedding.spearman[t]["mixing"] if embedding is not None else None
             ratio = mape / own if mape is not None and own else None
             rows.append({
-                "protocol": p, "target": t, "rece_mape": mape, "own_mape": own, "ratio": ratio,
+                "protocol": p, "target": t, "method": rece, "rece_mape": mape, "own_mape": own, "ratio": ratio,
                 "ratio_target": RATIO_TARGET[p],
                 "worst_ratio": worst["ratio"] if worst else None,
                 "worst_config": _worst_label(configs, worst["config_id"], (unobserved or {}).get((p, t, worst["config_id"])))
@@ -131,12 +137,12 @@ def _mark(v: str, ok: bool) -> str:
 
 def targets_rows(df: pl.DataFrame) -> list[list[str]]:
     """The targets as table rows (header first), each figure marked ok or MISS."""
-    rows = [["protocol", "target", "P50 MAPE / own", "worst config", "cov P10-P90", "width us", "seen cov",
+    rows = [["protocol", "target", "method", "P50 MAPE / own", "worst config", "cov P10-P90", "width us", "seen cov",
              "gain vs global", "gain vs donor", "Spearman"]]
     for r in df.iter_rows(named=True):
         ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}x (<= {r['ratio_target']:g}x)"
         worst = "n/a" if r["worst_ratio"] is None else f"{r['worst_ratio']:.2f}x {r['worst_config']}"
-        rows.append([r["protocol"], r["target"], _mark(ratio, r["ratio_met"]), worst,
+        rows.append([r["protocol"], r["target"], r["method"], _mark(ratio, r["ratio_met"]), worst,
                      _mark(fmt(r["coverage"], "pct"), r["coverage_met"]), fmt(r["width"], "num"),
                      _mark(fmt(r["seen_coverage"], "pct"), r["seen_met"]),
                      _mark(fmt(r["gain_vs_global"], "pct"), r["gain_met"]), fmt(r["gain_vs_donor"], "pct"),
@@ -145,8 +151,8 @@ def targets_rows(df: pl.DataFrame) -> list[list[str]]:
     return rows
 
 
-def targets_text(df: pl.DataFrame, rece: str) -> str:
+def targets_text(df: pl.DataFrame) -> str:
     if not len(df):
         return ""
-    return (f"Transfer targets ({rece} vs own-data, global and donor models, unseen configurations)\n"
-            + text_table(targets_rows(df)))
+    return ("Transfer targets (the artifact's model per target vs own-data, global and donor models, unseen "
+            "configurations)\n" + text_table(targets_rows(df)))
