@@ -23,6 +23,7 @@ also counts every object-store page the process touched (shared, and counted onc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import sys
@@ -43,6 +44,8 @@ from reference_fn import rq_fit_pfn  # noqa: E402
 from rece_dist.features import REQUEST_READ, STEP_READ  # noqa: E402
 from rece_dist.pipeline import TrainSettings  # noqa: E402
 from rece_dist.progress import gather  # noqa: E402
+from rece_dist.recipe import select_models  # noqa: E402
+from rece_dist.settings import VALIDATION_ROWS_PER_CONFIG  # noqa: E402
 from rece_dist.runner import train_and_publish  # noqa: E402
 from rece_dist.store import Store  # noqa: E402
 from rece_dist.synth import generate_store  # noqa: E402
@@ -146,6 +149,10 @@ def main() -> None:
                          "designs beyond it spill to disk")
     ap.add_argument("--max-fit-rows", type=int, default=TrainSettings.max_fit_rows,
                     help="specialists above it are fitted over their shards (default %(default)s)")
+    ap.add_argument("--select-folds", type=int, default=4,
+                    help="folds of the recipe's per-target choice (specialists or pooled), run and timed as a phase "
+                         "of its own after training, so that the trained designs (K specialists) are the ones the "
+                         "limit's reference solver fits (default %(default)s; 0: skip)")
     args = ap.parse_args()
     rows = int(args.rows)
     cpus = os.cpu_count() or 1
@@ -170,15 +177,24 @@ def main() -> None:
     timings: dict = {}
     with tempfile.TemporaryDirectory(prefix="rece-scale-") as out:
         t = time.monotonic()
-        settings = TrainSettings(specialists=args.specialists, max_fit_rows=args.max_fit_rows)
+        settings = TrainSettings(specialists=args.specialists, max_fit_rows=args.max_fit_rows, select_folds=0)
         result, _ = train_and_publish(store_uri, out, settings, max_regression=None, timings=timings)
         e2e = time.monotonic() - t
+    if args.select_folds:
+        t = time.monotonic()
+        fs = result.features
+        chosen = select_models(fs, dataclasses.replace(settings, select_folds=args.select_folds),
+                               list(range(len(fs.stats))))
+        select_s = time.monotonic() - t
     driver_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = sampler.largest_worker_mib()  # before the limit phase's stacked matrices
     for key, label in (("featurize_s", "featurize"), ("fit_s", "fit (LPs + non-crossing)"),
                        ("held_out_s", "held-out metrics"), ("publish_s", "golden vectors + publish")):
         table.append((label, timings[key], total / timings[key]))
     table.append(("end to end (train_and_publish)", e2e, total / e2e))
+    if args.select_folds:
+        table.append((f"model selection ({args.select_folds} folds x 2 refits, <= {VALIDATION_ROWS_PER_CONFIG:,} "
+                      f"rows per configuration; pooled: {', '.join(chosen['pooled']) or 'none'})", select_s, total / select_s))
 
     sampler.stop()
     ray_store_gib = ray.cluster_resources()["object_store_memory"] / 2**30
