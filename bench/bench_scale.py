@@ -149,7 +149,7 @@ def main() -> None:
                          "designs beyond it spill to disk")
     ap.add_argument("--max-fit-rows", type=int, default=TrainSettings.max_fit_rows,
                     help="specialists above it are fitted over their shards (default %(default)s)")
-    ap.add_argument("--select-folds", type=int, default=4,
+    ap.add_argument("--select-folds", type=int, default=TrainSettings.select_folds,
                     help="folds of the recipe's per-target choice (specialists or pooled), run and timed as a phase "
                          "of its own after training, so that the trained designs (K specialists) are the ones the "
                          "limit's reference solver fits (default %(default)s; 0: skip)")

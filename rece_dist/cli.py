@@ -269,9 +269,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibrate-folds", type=int, default=0,
                    help="widen intervals for configurations not in training, measured by this many refits over "
                         "groups of configurations (0: off)")
-    g.add_argument("--select-folds", type=int, default=4,
+    g.add_argument("--select-folds", type=int, default=6,
                    help="per target, keep the specialists only if they beat one pooled model on configurations "
-                        "held out in this many refits over groups of configurations (default 4; 0: always keep them)")
+                        "held out in this many refits over groups of configurations (default 6; 0: always keep them)")
     g.add_argument("--l1", type=float, default=0.0, help="L1 penalty (scikit-learn's alpha) on scaled coefficients")
     g.add_argument("--allow-crossing", action="store_true", help="skip the non-crossing re-solve")
     g.add_argument("--max-fit-rows", type=int, default=10_000_000,

@@ -42,7 +42,7 @@ from .features import FEATURES, TARGET_DEFINITION, TARGET_UNITS, column_scale
 from .fitcache import FitBatch, FitCache, fit_key
 from .metrics import quantile_metrics
 from .progress import RETRIES, gather, log
-from .quantile import fit_quantile, fit_quantile_sharded, resolve_crossings
+from .quantile import fit_quantile, fit_quantile_sharded, fit_quantiles, resolve_crossings
 from .settings import VALIDATION_ROWS_PER_CONFIG, TrainSettings
 from .shards import TARGETS, FeatureSet, Shard, featurize_store, probe_ranges
 from .embedding import LatencyProfile, probe_rows, typical_grid
@@ -167,7 +167,8 @@ def design(fs: FeatureSet, target: str, by_config: dict[str, list[int]], members
                   sum(st[i].train_rows[target] * keep[st[i].config_id] for i in used))
 
 
-def fit_profile(fs: FeatureSet, settings: TrainSettings, by_config: dict[str, list[int]]) -> LatencyProfile:
+def fit_profile(fs: FeatureSet, settings: TrainSettings, by_config: dict[str, list[int]],
+                cache: FitCache | None = None) -> LatencyProfile:
     """The embedding (``embedding.LatencyProfile``): probe batches at the training configurations'
     typical inputs, and a pooled P50 beta model on at most
     ``VALIDATION_ROWS_PER_CONFIG`` rows per configuration (a profile of ~27 log latencies needs no
@@ -177,11 +178,16 @@ def fit_profile(fs: FeatureSet, settings: TrainSettings, by_config: dict[str, li
     grid = typical_grid([ranges[c]["beta"] for c in ids])
     cap = min(settings.rows_per_config or VALIDATION_ROWS_PER_CONFIG, VALIDATION_ROWS_PER_CONFIG)
     d = design(fs, "beta", by_config, ids, 1.0, cap)
-    refs = d.prepare(fs, "beta", settings.seed)
-    task = (fit_sharded.remote(0.5, settings.l1, settings.solver, settings.seed, int(np.count_nonzero(d.columns)), refs)
-            if d.size > settings.max_fit_rows else fit.remote(0.5, settings.l1, settings.solver, settings.seed, *refs))
-    p50 = gather([task], "embedding fit")[0]
-    return LatencyProfile(probe_rows({"beta": grid})["beta"], np.asarray(_natural(p50.coef, d.scale, d.columns)))
+    fits: dict[str, Any] = {}
+    with FitBatch(cache) as batch:  # folds of one evaluation share the profile of equal training shards
+        if batch.claim("profile", fit_key("beta profile P50", d.parts, d.scale, d.columns, settings.to_dict())):
+            refs = d.prepare(fs, "beta", settings.seed)
+            task = (fit_sharded.remote(0.5, settings.l1, settings.solver, settings.seed,
+                                       int(np.count_nonzero(d.columns)), refs)
+                    if d.size > settings.max_fit_rows else fit.remote(0.5, settings.l1, settings.solver, settings.seed, *refs))
+            fits["profile"] = gather([task], "embedding fit")[0]
+    batch.complete(fits, {})
+    return LatencyProfile(probe_rows({"beta": grid})["beta"], np.asarray(_natural(fits["profile"].coef, d.scale, d.columns)))
 
 
 def _penalize(p: int) -> np.ndarray:
@@ -213,6 +219,23 @@ def fit_sharded(tau: float, l1: float, solver: str, seed: int, p: int, parts: li
     return fit_quantile_sharded(parts, tau, l1=l1, penalize=_penalize(p), solver=solver, seed=seed)
 
 
+# Designs of at most this many rows are fitted in one task, every quantile and the non-crossing
+# re-solve together: each of their LPs is one direct cvxpy solve (``quantile.fit._AUTO_REDUCE_FROM``),
+# and ``fit_quantiles`` compiles it once and re-solves it warm for the next quantile, where a task
+# per quantile would compile it again each time (validation refits are mostly such designs).
+BUNDLE_ROWS = 20_000
+
+
+@ray.remote(max_retries=RETRIES)
+def fit_bundle(quantiles: tuple[float, ...], l1: float, solver: str, seed: int, noncrossing: bool,
+               *parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[list, Any]:
+    """Every quantile of a small design in one task; the crossing report only with ``noncrossing``."""
+    X, y, w = _stack(parts)
+    fits, report = fit_quantiles(X, y, quantiles, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver,
+                                 noncrossing=noncrossing, seed=seed)
+    return fits, report if noncrossing else None
+
+
 @ray.remote(max_retries=RETRIES)
 def uncross(fits: list, l1: float, solver: str, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]):
     X, y, w = _stack(parts)
@@ -222,7 +245,12 @@ def uncross(fits: list, l1: float, solver: str, *parts: tuple[np.ndarray, np.nda
 def score_shard(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, all_rows: bool,
                 top_k: int | None, temperature: float | None) -> dict[str, Any]:
     """Predictions for one shard's held-out (or all) rows with the artifact's own model."""
-    model = RECEModel(doc)
+    return predict_with(RECEModel(doc), shard, cfg, all_rows, top_k, temperature)
+
+
+def predict_with(model: RECEModel, shard: Shard, cfg: DeploymentConfig, all_rows: bool, top_k: int | None,
+                 temperature: float | None) -> dict[str, Any]:
+    """Per target: (y, predicted quantiles, rows rearranged) of one shard's held-out (or all) rows."""
     w = model.weights(cfg, top_k, temperature)
     out: dict[str, Any] = {}
     for t in TARGETS:
@@ -258,7 +286,7 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     by_config: dict[str, list[int]] = {}
     for i in shards:
         by_config.setdefault(fs.stats[i].config_id, []).append(i)
-    profile = fit_profile(fs, settings, by_config)
+    profile = fit_profile(fs, settings, by_config, cache)
     E = np.vstack([profile(fs.configs[c]) for c in ids])
     if labels is None:
         clus = cluster(E, settings.specialists, settings.clustering, settings.seed)
@@ -268,12 +296,14 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     sil = "n/a" if clus.silhouette is None else f"{clus.silhouette:.3f}"
     log(f"[rece] {len(ids)} configurations -> {clus.k} specialists ({clus.method}, silhouette {sil})")
 
-    # prepare + fit, every (target, specialist, quantile) an independent task
+    # prepare + fit, every (target, specialist, quantile) an independent task, but small designs
     designs: dict[tuple[str, int], Design] = {}
     fit_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     sharded: list[tuple[str, int]] = []
+    bundled: set[tuple[str, int]] = set()
     crossing: dict[tuple[str, int], Any] = {}
+    uncrossing = settings.noncrossing and len(settings.quantiles) > 1
     todo: list[tuple[float, tuple[str, int], Any, tuple]] = []  # (rows, key, task, its arguments)
     groups = {t: {POOLED: ids} if t in pooled else members for t in TARGETS}
     with FitBatch(cache) as batch:  # on an error, whoever waits for this call's specialists gets it
@@ -288,25 +318,33 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
                     log(f"[rece] {t} specialist {j}: more than {settings.max_fit_rows:,} rows, fitted over "
                         f"{len(refs)} shards; crossings left to rearrangement at prediction")
                     todo.append((d.size, (t, j), fit_sharded, (int(np.count_nonzero(d.columns)), refs)))
+                elif d.size <= BUNDLE_ROWS:
+                    bundled.add((t, j))
+                    todo.append((d.size, (t, j), fit_bundle, tuple(refs)))
                 else:
                     todo.append((d.size, (t, j), fit, tuple(refs)))
                 fit_refs[(t, j)] = []  # filled below; the keys keep the artifact's order
         # largest first (LPT order): the longest fit must not start last and run alone at the end
         for _, key, task, args in sorted(todo, key=lambda x: -x[0]):
-            fit_refs[key] = [task.remote(q, settings.l1, settings.solver, settings.seed, *args)
-                             for q in settings.quantiles]
+            fit_refs[key] = ([task.remote(settings.quantiles, settings.l1, settings.solver, settings.seed, uncrossing, *args)]
+                             if key in bundled else
+                             [task.remote(q, settings.l1, settings.solver, settings.seed, *args) for q in settings.quantiles])
         flat = [r for refs in fit_refs.values() for r in refs]
         t0 = time.monotonic()
-        fitted = iter(gather(flat, f"fits ({len(flat)} LPs)") if flat else [])
+        fitted = iter(gather(flat, f"fits ({len(fit_refs) * len(settings.quantiles)} LPs)") if flat else [])
         fits = {key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()}
+        for key in bundled:
+            (fits[key], report), = fits[key]
+            if report is not None:
+                crossing[key] = report
         t1 = time.monotonic()
         if timings is not None:  # the independent fits' own times, before non-crossing replaces them
             timings.update(lp_seconds=[f.seconds for fl in fits.values() for f in fl],
                            lp_rows=[f.n_rows for fl in fits.values() for f in fl], design_refs=dict(part_refs),
                            design_rows={k: fl[0].n_rows for k, fl in fits.items()},
                            design_cols={k: int(np.count_nonzero(designs[k].columns)) for k in fits})
-        if settings.noncrossing and len(settings.quantiles) > 1:
-            keys = [k for k in fits if k not in sharded]
+        if uncrossing:
+            keys = [k for k in fits if k not in sharded and k not in bundled]
             refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
             for k, (new_fits, report) in zip(keys, gather(refs, "non-crossing") if refs else []):
                 fits[k], crossing[k] = new_fits, report

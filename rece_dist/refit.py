@@ -23,7 +23,8 @@ import ray
 from .errors import ReceError
 from .fitcache import FitCache
 from .metrics import quantile_metrics, relative_pinball
-from .pipeline import TARGETS, FeatureSet, TrainSettings, fit_ensemble, score_shard
+from .ensemble import RECEModel
+from .pipeline import TARGETS, FeatureSet, TrainSettings, fit_ensemble, predict_with
 from .recipe import fit_recipe
 from .progress import RETRIES, gather, log
 
@@ -184,33 +185,50 @@ def own_mixing_job(doc: dict[str, Any], shards: tuple[int, ...], tag: tuple[str,
     return PredictJob(doc, shards, False, mix.get("top_k"), float(mix["temperature"]), tag)
 
 
-@ray.remote(max_retries=RETRIES, num_returns=2)
-def _score(doc: dict[str, Any], shard: Any, cfg: Any, all_rows: bool, top_k: int | None,
-           temperature: float) -> tuple[dict[str, Any], dict[str, int]]:
-    """A shard's predictions (kept in the object store) and, for the driver, their row counts."""
-    out = score_shard(doc, shard, cfg, all_rows, top_k, temperature)
-    return out, {t: len(out[t][0]) for t in TARGETS}
+_MODELS: dict[str, RECEModel] = {}  # per worker process: models of the documents it scored lately, by object id
+
+
+def _model(doc_ref: ray.ObjectRef) -> RECEModel:
+    """The document's model, parsed once per worker process however many shards it scores."""
+    key = doc_ref.hex()
+    if key not in _MODELS:
+        if len(_MODELS) >= 64:
+            _MODELS.pop(next(iter(_MODELS)))
+        _MODELS[key] = RECEModel(ray.get(doc_ref))
+    return _MODELS[key]
+
+
+@ray.remote(max_retries=RETRIES)
+def _score_shard_jobs(shard: Any, cfg: Any, jobs: list[tuple[ray.ObjectRef, bool, int | None, float]]) -> tuple:
+    """One shard scored by every job that wants it: each job's predictions (kept in the object
+    store, one return each) and, last, their row counts for the driver. One task per shard
+    rather than per (job, shard): a fold's methods and a sweep's temperatures share the shard's
+    transfer and the parse of each document."""
+    outs = [predict_with(_model(ref), shard, cfg, all_rows, top_k, temperature) for ref, all_rows, top_k, temperature in jobs]
+    return (*outs, [{t: len(o[t][0]) for t in TARGETS} for o in outs])
 
 
 def predict_cells(fs: FeatureSet, jobs: Sequence[PredictJob], label: str = "predictions") -> list[CellRef]:
-    """Run every job's shard predictions as Ray tasks; one CellRef per (job, shard, target) with rows.
-
-    Only row counts come back to the driver; the predictions stay in the object store."""
+    """Run every job's shard predictions as Ray tasks, one per shard; one CellRef per (job, shard,
+    target) with rows. Only row counts come back to the driver; the predictions stay in the object store."""
     doc_refs: dict[int, ray.ObjectRef] = {}
-    outs, counts, owners = [], [], []
+    by_shard: dict[int, list[PredictJob]] = {}
     for job in jobs:
-        ref = doc_refs.setdefault(id(job.doc), ray.put(job.doc))
-        k = len(job.doc["specialists"]) if job.top_k is None else job.top_k
+        doc_refs.setdefault(id(job.doc), ray.put(job.doc))
         for i in job.shards:
-            cid = fs.stats[i].config_id
-            out, n = _score.remote(ref, fs.shard_refs[i], fs.configs[cid], job.all_rows, k, job.temperature)
-            outs.append(out)
-            counts.append(n)
-            owners.append((job, cid))
-    cells = []
-    for (job, cid), out, n in zip(owners, outs, gather(counts, label) if counts else []):
-        cells += [CellRef(*job.tag, cid, t, out, n[t]) for t in TARGETS if n[t]]
-    return cells
+            by_shard.setdefault(i, []).append(job)
+    outs, counts, owners = [], [], []
+    for i, mine in by_shard.items():
+        specs = [(doc_refs[id(j.doc)], j.all_rows, len(j.doc["specialists"]) if j.top_k is None else j.top_k,
+                  j.temperature) for j in mine]
+        cid = fs.stats[i].config_id
+        *got, n = _score_shard_jobs.options(num_returns=len(specs) + 1).remote(fs.shard_refs[i], fs.configs[cid], specs)
+        outs += got
+        counts.append(n)
+        owners += [(j, cid) for j in mine]
+    done = [c for per_shard in (gather(counts, label) if counts else []) for c in per_shard]
+    return [CellRef(*job.tag, cid, t, out, n[t]) for (job, cid), out, n in zip(owners, outs, done) for t in TARGETS
+            if n[t]]
 
 
 # --- aggregation --------------------------------------------------------------------------------
@@ -228,11 +246,25 @@ def group_metrics(cs: Sequence[Cell], qs: tuple[float, ...]) -> dict[str, Any]:
             "rel_pinball_macro": float(macro), "configs": len(per_config)}
 
 
+def _split_metrics(cs: Sequence[Cell], qs: tuple[float, ...], sub: Sequence[Sequence[str]]
+                   ) -> tuple[dict[str, Any], list[dict[str, dict[str, Any]]]]:
+    """``group_metrics`` of the whole group and, per refinement r, of its subgroups by ``sub[i][r]``
+    (the key of cell i under refinement r)."""
+    parts = []
+    for r in range(len(sub[0]) if sub else 0):
+        by: dict[str, list[Cell]] = {}
+        for c, keys in zip(cs, sub):
+            by.setdefault(keys[r], []).append(c)
+        parts.append({k: group_metrics(v, qs) for k, v in by.items()})
+    return group_metrics(cs, qs), parts
+
+
 @ray.remote(max_retries=RETRIES)
-def _group_metrics(cells: list[CellRef], qs: tuple[float, ...], *outs: Any) -> dict[str, Any]:
-    """``group_metrics`` in a task: ``outs`` are the cells' shard results, fetched here, not on the driver."""
+def _group_metrics(cells: list[CellRef], qs: tuple[float, ...], sub: list[list[str]], *outs: Any
+                   ) -> tuple[dict[str, Any], list[dict[str, dict[str, Any]]]]:
+    """``_split_metrics`` in a task: ``outs`` are the cells' shard results, fetched here, not on the driver."""
     by_ref = dict(zip([c.out.hex() for c in cells], outs))
-    return group_metrics([_cell(c, by_ref[c.out.hex()]) for c in cells], qs)
+    return _split_metrics([_cell(c, by_ref[c.out.hex()]) for c in cells], qs, sub)
 
 
 def _outs(cells: Sequence[CellRef]) -> list[ray.ObjectRef]:
@@ -249,17 +281,32 @@ def aggregate(cells: Iterable[Cell | CellRef], quantiles: Sequence[float], by: S
     relative pinball, so every configuration counts equally. Groups of ``CellRef`` are
     computed in Ray tasks (one per group); in-memory ``Cell`` groups here.
     """
+    return aggregate_refined(cells, quantiles, by, (), attrs)[0]
+
+
+def aggregate_refined(cells: Iterable[Cell | CellRef], quantiles: Sequence[float], by: Sequence[str],
+                      refine: Sequence[str], attrs: Mapping[str, Mapping[str, str]] | None = None) -> list[pl.DataFrame]:
+    """``aggregate`` by ``by``, then by ``by`` plus each key of ``refine`` (e.g. config_id, gpu),
+    all in one task per ``by`` group: a refinement's subgroups partition the group, so its rows
+    are fetched once instead of once per subgroup."""
     qs = tuple(quantiles)
+
+    def key_of(c: Cell | CellRef, f: str) -> str:
+        return str(getattr(c, f)) if f in CELL_FIELDS else attrs[c.config_id][f]  # type: ignore[index]
+
     groups: dict[tuple[str, ...], list[Cell | CellRef]] = {}
     for c in cells:
-        key = tuple(str(getattr(c, f)) if f in CELL_FIELDS else attrs[c.config_id][f] for f in by)  # type: ignore[index]
-        groups.setdefault(key, []).append(c)
+        groups.setdefault(tuple(key_of(c, f) for f in by), []).append(c)
     keys = sorted(groups)
-    remote = {k: _group_metrics.remote(groups[k], qs, *_outs(groups[k])) for k in keys
+    sub = {k: [[key_of(c, f) for f in refine] for c in groups[k]] for k in keys}
+    remote = {k: _group_metrics.remote(groups[k], qs, sub[k], *_outs(groups[k])) for k in keys
               if isinstance(groups[k][0], CellRef)}
     done = dict(zip(remote, ray.get(list(remote.values())))) if remote else {}
-    rows = [{**dict(zip(by, k)), **(done[k] if k in done else group_metrics(groups[k], qs))} for k in keys]  # type: ignore[arg-type]
-    return pl.DataFrame(rows)
+    got = {k: done[k] if k in done else _split_metrics(groups[k], qs, sub[k]) for k in keys}  # type: ignore[arg-type]
+    frames = [pl.DataFrame([{**dict(zip(by, k)), **got[k][0]} for k in keys])]
+    for r, f in enumerate(refine):
+        frames.append(pl.DataFrame([{**dict(zip(by, k)), f: v, **m} for k in keys for v, m in sorted(got[k][1][r].items())]))
+    return frames
 
 
 @ray.remote(max_retries=RETRIES)

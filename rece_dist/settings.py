@@ -29,7 +29,7 @@ class TrainSettings:
     top_k: int | None = None
     borrow: float = 0.1
     calibrate_folds: int = 0
-    select_folds: int = 4               # folds of the per-target choice, specialists or pooled (0: off)
+    select_folds: int = 6               # folds of the per-target choice, specialists or pooled (0: off)
     l1: float = 0.0
     noncrossing: bool = True
     max_fit_rows: int = 10_000_000

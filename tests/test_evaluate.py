@@ -7,6 +7,8 @@ whole evaluation runs once on a store with a known ground truth (tests/ground_tr
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
@@ -423,3 +425,19 @@ def test_a_held_out_cost_no_training_row_had_is_named_beside_the_worst_configura
                               for m in ("per_config", "rece_dense") for s in ("seen", "unseen") for c in cfgs])
     row = transfer_targets(scores, by_config, {"alpha": "rece_dense", "beta": "rece_dense"}, fs.configs, None, got).row(0, named=True)
     assert row["worst_config"] == f"{fs.configs[tp2].label} (never observed: tp_comm_fixed_us, tp_allreduce_us)"
+
+
+def test_evaluation_folds_nest_the_recipes_calibration(tmp_path, ray_local):
+    """A fold's RECE fit is the recipe, calibration included: its calibration groups are drawn from
+    the fold's training configurations only, so the widening a held-out configuration gets was
+    measured without it (nested grouped cross-validation)."""
+    root = str(tmp_path / "store")
+    write_store(root, n_configs=5, rows=300)
+    settings = dataclasses.replace(SETTINGS, specialists=1, calibrate_folds=3)
+    fs = featurize_store(root, settings)
+    rece = [m for m in methods(1) if m.key == "rece_dense"]
+    run = run_protocol(Fitter(fs, settings), protocol_folds(fs, "loco"), rece, settings.temperature)
+    for fold, docs in zip(run.folds, run.docs):
+        groups = docs["rece"]["unseen_calibration"]["groups"]
+        seen = set().union(*(set(g["held_out"]) | set(g["trained_on"]) for g in groups))
+        assert seen == {fs.stats[i].config_id for i in fold.train} and not seen & fold.held_out_configs

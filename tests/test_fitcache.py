@@ -24,20 +24,23 @@ def test_folds_share_unchanged_specialists_and_get_the_same_documents(tmp_path, 
     folds = [tuple(fs.shards_of(set(ids) - {out})) for out in ids[:2]]
     fitter = Fitter(fs, SETTINGS, parallel=2)
     docs = fitter.fit_many([FitRequest(train, "per_config") for train in folds])
-    # 3 configurations per fold, 2 in common: per target 4 distinct per-configuration specialists
-    assert (fitter.cache.solved, fitter.cache.hits) == (2 * 4, 2 * 2)
+    # 3 configurations per fold, 2 in common: per target 4 distinct per-configuration specialists,
+    # and each fold's embedding profile (a pooled P50 fit of its training shards)
+    assert (fitter.cache.solved, fitter.cache.hits) == (2 * 4 + 2, 2 * 2)
     baseline = dataclasses.replace(SETTINGS, borrow=0.0, select_folds=0)  # what the Fitter fits baselines with
     for train, doc in zip(folds, docs):
         cold = fit_ensemble(fs, baseline, list(train), fit_labels("per_config", {fs.stats[i].config_id for i in train}))
         assert artifact.digest(doc) == artifact.digest(cold)
-    # the global baseline and a one-specialist RECE fit of the same shards are one fit
+    # the global baseline and a one-specialist RECE fit of the same shards are one fit (and the
+    # fold's profile is reused by both)
     g, r1 = fitter.fit_many([FitRequest(folds[0], "global"), FitRequest(folds[0], "rece", 1)])
-    assert fitter.cache.hits == 2 * 2 + 2
+    assert fitter.cache.hits == 2 * 2 + 2 + 2
     assert g["specialists"][0]["coefficients"] == r1["specialists"][0]["coefficients"]
-    # a RECE fit that borrows from every other configuration shares nothing with another fold
+    # a RECE fit that borrows from every other configuration shares no specialist with another
+    # fold: only the two folds' profiles are reused
     hits = fitter.cache.hits
     fitter.fit_many([FitRequest(train, "rece", 2) for train in folds])
-    assert fitter.cache.hits == hits
+    assert fitter.cache.hits == hits + 2
 
 
 def test_an_owners_failure_reaches_the_waiter_and_the_key_is_solved_again():

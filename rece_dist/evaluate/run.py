@@ -18,7 +18,8 @@ from ..config import DeploymentConfig
 from ..pipeline import TARGETS, FeatureSet, TrainSettings
 from ..settings import VALIDATION_ROWS_PER_CONFIG
 from ..progress import log
-from ..refit import CellRef, EvaluationError, FitRequest, Fitter, aggregate, own_mixing_job, predict_cells, sample_cells
+from ..refit import (CellRef, EvaluationError, FitRequest, Fitter, aggregate, aggregate_refined, own_mixing_job,
+                     predict_cells, sample_cells)
 from .baselines import Method, _folds, baseline_rows, methods, table_footnotes, text_table
 from .embedding_check import EmbeddingCheck, embedding_check
 from .targets import rece_method, targets_text, transfer_targets, unobserved_in_folds
@@ -152,13 +153,11 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
                    options.top_ks, options.borrows)
     else:
         notes.append("the sensitivity sweep needs at least 3 configurations")
+    scores, by_config, by_gpu, by_model = aggregate_refined(cells, qs, base, ("config_id", "gpu", "model"), attrs)
     return Evaluation(
         store_uri=fs.store_uri, artifact=artifact_doc, settings=settings, options=options, methods=meths,
         configs=dict(fs.configs), runs=runs,
-        scores=aggregate(cells, qs, base),
-        by_config=aggregate(cells, qs, base + ("config_id",)),
-        by_gpu=aggregate(cells, qs, base + ("gpu",), attrs),
-        by_model=aggregate(cells, qs, base + ("model",), attrs),
+        scores=scores, by_config=by_config, by_gpu=by_gpu, by_model=by_model,
         published=published, samples=_samples(cells, main, options.sample_rows, settings.seed),
         embedding=emb, sweep=sw, notes=notes, seconds=time.monotonic() - t0, unobserved=unobserved_in_folds(fs, runs),
     )
