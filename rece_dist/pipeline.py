@@ -81,6 +81,13 @@ def independent_columns(gram: np.ndarray, scale: np.ndarray, rtol: float = 1e-9)
 
 # --- Ray tasks --------------------------------------------------------------------------------
 
+def shard_rng(shard: Shard, seed: int, *salt: int) -> np.random.Generator:
+    """A generator fixed by the seed and the shard's configuration and date (and ``salt``): a
+    shard's sampled rows do not depend on which task or process draws them."""
+    key = hashlib.sha256(f"{shard.config_id}/{shard.date}".encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(key[:8], "little"), *salt])
+
+
 @ray.remote(max_retries=RETRIES)
 def prepare(shard: Shard, target: str, scale: np.ndarray, columns: np.ndarray,
             weight: float, keep: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -90,8 +97,7 @@ def prepare(shard: Shard, target: str, scale: np.ndarray, columns: np.ndarray,
     and quantile sees the same sample) and gives each ``weight / keep``."""
     train = ~shard.holdout[target]
     if keep < 1:
-        key = hashlib.sha256(f"{shard.config_id}/{shard.date}".encode()).digest()
-        train &= np.random.default_rng([seed, int.from_bytes(key[:8], "little")]).random(train.size) < keep
+        train &= shard_rng(shard, seed).random(train.size) < keep
     X = shard.X[target][train][:, columns] / scale[columns]
     return X, shard.y[target][train], np.full(int(train.sum()), weight / keep)
 

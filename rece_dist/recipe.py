@@ -37,7 +37,7 @@ from .errors import ReceError
 from .fitcache import FitCache
 from .config import DeploymentConfig
 from .metrics import pinball
-from .pipeline import TARGETS, FeatureSet, _held_out_metrics, fit_ensemble, predict_shards, score_shard
+from .pipeline import TARGETS, FeatureSet, _held_out_metrics, fit_ensemble, score_shard, shard_rng
 from .progress import RETRIES, gather, log
 from .settings import VALIDATION_ROWS_PER_CONFIG, TrainSettings
 from .shards import Shard, featurize_store
@@ -170,6 +170,20 @@ def pooled_targets(criterion: dict[str, dict[str, float]], margin: float = SELEC
     return [t for t in TARGETS if not criterion["specialists"][t] < (1 - margin) * criterion["pooled"][t]]
 
 
+@ray.remote(max_retries=RETRIES)
+def _scored_sample(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, seed: int,
+                   share: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per target, (y, predicted quantiles) of a fixed random ``share`` of one shard's rows."""
+    out = score_shard(doc, shard, cfg, True, None, None)
+    rng = shard_rng(shard, seed, 11)
+    got = {}
+    for t in TARGETS:
+        y, values, _ = out[t]
+        keep = rng.random(len(y)) < share[t]
+        got[t] = (y[keep], values[keep])
+    return got
+
+
 def widening_factor(ratio: np.ndarray, weight: np.ndarray, level: float) -> float:
     """Smallest c >= 0 with weighted P(ratio <= c) >= level (inverted CDF, so it is attained)."""
     ok = np.isfinite(ratio)
@@ -185,7 +199,10 @@ def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int
 
     Held-out intervals of seen configurations only carry within-configuration noise; on a new
     configuration the model's own transfer error adds to it. Fold k refits on every group but
-    k (with the same ``pooled`` targets as the artifact) and predicts group k's rows; for tau
+    k (with the same ``pooled`` targets as the artifact, at most ``VALIDATION_ROWS_PER_CONFIG``
+    training rows per configuration) and predicts a fixed random sample of about as many of each
+    of group k's configurations' rows (so the driver holds a bounded number per configuration,
+    whatever the store's size); for tau
     below the median the factor is the (1 - tau) quantile of (q_mid - y) / (q_mid - q_tau),
     above it the tau quantile of (y - q_mid) / (q_tau - q_mid), every configuration weighing
     the same.
@@ -194,19 +211,24 @@ def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int
     if len(ids) < 3:
         raise ReceError(f"--calibrate-folds needs at least 3 configurations to hold some out; got {len(ids)}")
     n = min(settings.calibrate_folds, len(ids))
-    inner = dataclasses.replace(settings, calibrate_folds=0, select_folds=0)
+    cap = min(settings.rows_per_config or VALIDATION_ROWS_PER_CONFIG, VALIDATION_ROWS_PER_CONFIG)
+    inner = dataclasses.replace(settings, calibrate_folds=0, select_folds=0, rows_per_config=cap)
     qs = settings.quantiles
     mid = len(qs) // 2
+    rows = {(c, t): sum(fs.stats[i].train_rows[t] for i in shards if fs.stats[i].config_id == c) for c in ids for t in TARGETS}
     held: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}  # (target, config) -> (y, quantiles)
     groups = []  # per fold: what it held out and what its fit says it trained on (auditable nesting)
     for k, out in enumerate(_folds(ids, n, settings.seed)):
         log(f"[rece] unseen calibration: fold {k + 1}/{n}, holding out {len(out)} configuration(s)")
-        doc = _fit(fs, inner, [i for i in shards if fs.stats[i].config_id not in out], pooled)
-        groups.append({"held_out": sorted(out), "trained_on": sorted(doc["configurations"])})
+        doc_ref = ray.put(_fit(fs, inner, [i for i in shards if fs.stats[i].config_id not in out], pooled))
+        groups.append({"held_out": sorted(out), "trained_on": sorted(ray.get(doc_ref)["configurations"])})
         test = [i for i in shards if fs.stats[i].config_id in out]
-        for i, res in zip(test, predict_shards(doc, fs, test, rows="all")):
+        refs = [_scored_sample.remote(doc_ref, fs.shard_refs[i], fs.configs[fs.stats[i].config_id], settings.seed,
+                                      {t: min(1.0, cap / max(rows[(fs.stats[i].config_id, t)], 1)) for t in TARGETS})
+                for i in test]
+        for i, res in zip(test, gather(refs, "unseen calibration scores")):
             for t in TARGETS:
-                held.setdefault((t, fs.stats[i].config_id), []).append(res[t][:2])
+                held.setdefault((t, fs.stats[i].config_id), []).append(res[t])
     factors: dict[str, dict[str, float]] = {}
     for t in TARGETS:
         per_config = [(np.concatenate([p[0] for p in v]), np.vstack([p[1] for p in v]))
