@@ -1,14 +1,15 @@
 """Where `rece evaluate`'s time goes: one LOCO fold's fits by kind, then the whole evaluation.
 
-    python bench/bench_evaluate.py [--configs 12] [--steps 20000] [--store DIR] [--fold-only]
+    python bench/bench_evaluate.py [--configs 12] [--steps 20000] [--store DIR] [--fold-only] [--fit-rows N]
 
 Generates the store once (kept in bench/out/, `rece synth --seed 1` layout), trains the
 default artifact, then
 1. fits one LOCO fold's three kinds (global, per-configuration, RECE) cold and prints, per kind,
    the wall time of the independent LPs and of the non-crossing re-solve, the slowest LP and
    the Ray task seconds by function (ray.timeline): what one fold costs before any reuse;
-2. runs the whole evaluation (`review.review_artifact`, default options) and prints its wall
-   time with the number of specialist fits solved and reused (``fitcache``), per phase.
+2. runs the whole evaluation (`review.review_artifact`, default options but ``--fit-rows``:
+   0 refits on every row) and prints its wall time with the number of specialist fits solved
+   and reused (``fitcache``), per phase.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 import ray
 
 from rece_dist.artifact import canonical_bytes
-from rece_dist.evaluate import protocol_folds
+from rece_dist.evaluate import EvalOptions, protocol_folds
 from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble
 from rece_dist.recipe import train
 from rece_dist.refit import fit_labels
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--store", default=None)
     ap.add_argument("--fold-only", action="store_true", help="only the one-fold breakdown")
+    ap.add_argument("--fit-rows", type=int, default=EvalOptions().fit_rows,
+                    help="rows per configuration and target in a refit (default %(default)s; 0: all)")
     args = ap.parse_args()
     cpus = local_ray()
     store = store_at(args.store or f"bench/out/store-{args.configs}x{args.steps}-seed1", args.configs, args.steps)
@@ -75,8 +78,8 @@ def main() -> None:
     with open(art, "wb") as f:
         f.write(canonical_bytes(train(store, settings).artifact))
     t = time.monotonic()
-    rv = review_artifact(art, store)
-    print(f"whole evaluation (default options): {time.monotonic() - t:.1f} s, "
+    rv = review_artifact(art, store, EvalOptions(fit_rows=args.fit_rows or None))
+    print(f"whole evaluation (default options, fit rows {args.fit_rows or 'all'}): {time.monotonic() - t:.1f} s, "
           f"{len(rv.evaluation.runs)} protocols; see the [evaluate] lines above for the phases")
 
 

@@ -337,7 +337,9 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
                              [task.remote(q, settings.l1, settings.solver, settings.seed, *args) for q in settings.quantiles])
         flat = [r for refs in fit_refs.values() for r in refs]
         t0 = time.monotonic()
-        fitted = iter(gather(flat, f"fits ({len(fit_refs) * len(settings.quantiles)} LPs)") if flat else [])
+        lps = len(fit_refs) * len(settings.quantiles)
+        fitted = iter(gather(flat, f"fits ({lps} LPs)" if len(flat) == lps else f"fits ({lps} LPs in {len(flat)} tasks)")
+                      if flat else [])
         fits = {key: [next(fitted) for _ in refs] for key, refs in fit_refs.items()}
         for key in bundled:
             (fits[key], report), = fits[key]

@@ -19,7 +19,7 @@ from ground_truth import write_store
 from rece_dist import artifact
 from rece_dist.ensemble import RECEModel
 from rece_dist.errors import ReceError, SchemaError, StoreError
-from rece_dist.pipeline import TrainSettings, featurize_store, fit_ensemble, predict_shards, prepare
+from rece_dist.pipeline import TrainSettings, design, featurize_store, fit_ensemble, predict_shards, prepare
 from rece_dist.recipe import fit_recipe, train, widening_factor
 from rece_dist.store import Store
 
@@ -156,6 +156,30 @@ def test_borrowed_configuration_enters_as_a_fixed_row_sample(truth_store, ray_lo
     np.testing.assert_array_equal(Xs, Xs2)
     rows = {tuple(r) for r in np.column_stack([X, y])}
     assert all(tuple(r) in rows for r in np.column_stack([Xs, ys]))
+
+
+def test_rows_per_config_caps_every_configuration_and_keeps_its_share(truth_store, ray_local):
+    """With ``rows_per_config`` a configuration enters a fit as a fixed sample of about that many
+    training rows, member or borrowed, at the row weight that keeps its share of the fit's total
+    weight (a member 1, a borrowed configuration ``borrow``); without it nothing is sampled."""
+    settings = TrainSettings()
+    fs = featurize_store(truth_store[0], settings)
+    by_config: dict[str, list[int]] = {}
+    for i, st in enumerate(fs.stats):
+        by_config.setdefault(st.config_id, []).append(i)
+    member, other = sorted(by_config)
+    n = {c: sum(fs.stats[i].train_rows["beta"] for i in by_config[c]) for c in by_config}
+    cap = 500
+    d = design(fs, "beta", by_config, [member], 0.5, cap)
+    parts = [ray.get(r) for r in d.prepare(fs, "beta", seed=3)]
+    got = {c: (sum(len(parts[k][1]) for k, (i, _, _) in enumerate(d.parts) if fs.stats[i].config_id == c),
+               sum(parts[k][2].sum() for k, (i, _, _) in enumerate(d.parts) if fs.stats[i].config_id == c))
+           for c in by_config}
+    assert abs(got[member][0] - cap) < 4 * np.sqrt(cap) and abs(got[other][0] - 0.5 * cap) < 4 * np.sqrt(cap)
+    assert got[member][1] == pytest.approx(cap, rel=0.1) and got[other][1] == pytest.approx(0.5 * cap, rel=0.15)
+    assert d.rows == n[member] and d.size == pytest.approx(1.5 * cap)
+    full = design(fs, "beta", by_config, [member], 0.5, None)
+    assert [keep for _, _, keep in full.parts] == [1.0 if fs.stats[i].config_id == member else 0.5 for i, _, _ in full.parts]
 
 
 def test_specialist_above_max_fit_rows_is_fitted_over_its_shards(truth_store, ray_local, capsys):
