@@ -43,7 +43,7 @@ from .fitcache import FitBatch, FitCache, fit_key
 from .metrics import quantile_metrics
 from .progress import RETRIES, gather, log
 from .quantile import fit_quantile, fit_quantile_sharded, fit_quantiles, resolve_crossings
-from .settings import VALIDATION_ROWS_PER_CONFIG, TrainSettings
+from .settings import PROFILE_ROWS_PER_CONFIG, TrainSettings
 from .shards import TARGETS, FeatureSet, Shard, featurize_store, probe_ranges
 from .embedding import LatencyProfile, probe_rows, typical_grid
 from .specialists import Clustering, cluster
@@ -176,13 +176,13 @@ def design(fs: FeatureSet, target: str, by_config: dict[str, list[int]], members
 def fit_profile(fs: FeatureSet, settings: TrainSettings, by_config: dict[str, list[int]],
                 cache: FitCache | None = None) -> LatencyProfile:
     """The embedding (``embedding.LatencyProfile``): probe batches at the training configurations'
-    typical inputs, and a pooled P50 beta model on at most
-    ``VALIDATION_ROWS_PER_CONFIG`` rows per configuration (a profile of ~27 log latencies needs no
-    more, and its cost then does not grow with the store)."""
+    typical inputs, and a pooled P50 beta model on at most ``PROFILE_ROWS_PER_CONFIG`` rows per
+    configuration (a profile of ~27 log latencies needs no more, and its cost then does not grow
+    with the store)."""
     ids = sorted(by_config)
     ranges = probe_ranges(fs, ids, [i for c in ids for i in by_config[c]])
     grid = typical_grid([ranges[c]["beta"] for c in ids])
-    cap = min(settings.rows_per_config or VALIDATION_ROWS_PER_CONFIG, VALIDATION_ROWS_PER_CONFIG)
+    cap = min(settings.rows_per_config or PROFILE_ROWS_PER_CONFIG, PROFILE_ROWS_PER_CONFIG)
     d = design(fs, "beta", by_config, ids, 1.0, cap)
     fits: dict[str, Any] = {}
     with FitBatch(cache) as batch:  # folds of one evaluation share the profile of equal training shards

@@ -16,6 +16,9 @@ from .errors import ReceError
 # linear quantile model of ~20 features is pinned down by a few thousand rows per configuration
 # (docs/transfer.md, "Evaluation cost", measures what the cap changes).
 VALIDATION_ROWS_PER_CONFIG = 4000
+# Training rows per configuration in the embedding's pooled P50 fit: a profile of a few dozen
+# log latencies between configurations that differ by tens of percent needs less.
+PROFILE_ROWS_PER_CONFIG = 1000
 
 
 @dataclass(frozen=True)

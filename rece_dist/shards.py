@@ -117,6 +117,8 @@ class FeatureSet:
     partitions: list[Partition]
     shard_refs: list[ray.ObjectRef]
     stats: list[ShardStats]
+    # per shard, once measured: its probe inputs' central ranges (``probe_ranges``; every fold reuses them)
+    ranges: dict[int, tuple["Ranges", dict[str, int]]] = field(default_factory=dict, repr=False)
 
     def shards_of(self, config_ids: list[str] | set[str], dates: set[str] | None = None) -> list[int]:
         return [i for i, st in enumerate(self.stats)
@@ -229,8 +231,11 @@ def probe_ranges(fs: FeatureSet, config_ids: Sequence[str], shards: Sequence[int
     one shard); a configuration's percentiles are its shards' percentiles averaged by rows."""
     wanted = set(config_ids)
     pick = [i for i in (range(len(fs.stats)) if shards is None else shards) if fs.stats[i].config_id in wanted]
-    got = gather([_shard_ranges.remote(fs.shard_refs[i], fs.configs[fs.stats[i].config_id]) for i in pick],
-                 "probe ranges")
+    todo = [i for i in pick if i not in fs.ranges]
+    if todo:
+        fs.ranges.update(zip(todo, gather([_shard_ranges.remote(fs.shard_refs[i], fs.configs[fs.stats[i].config_id])
+                                           for i in todo], "probe ranges")))
+    got = [fs.ranges[i] for i in pick]
     out: dict[str, Ranges] = {}
     for c in config_ids:
         mine = [r for i, r in zip(pick, got) if fs.stats[i].config_id == c]

@@ -11,13 +11,15 @@ from rece_dist.pipeline import TrainSettings, featurize_store
 from rece_dist.recipe import SELECT_MARGIN, fit_recipe, pooled_targets
 
 
-def test_specialists_are_kept_only_when_they_beat_the_pooled_model_by_the_margin():
+def test_specialists_are_kept_only_when_they_beat_the_pooled_model_by_the_margin_on_most_configurations():
     crit = {"pooled": {"alpha": 0.100, "beta": 0.0100},
             "specialists": {"alpha": 0.100 * (1 - SELECT_MARGIN / 2), "beta": 0.0100 * (1 - 2 * SELECT_MARGIN)}}
-    assert pooled_targets(crit) == ["alpha"]  # alpha's gain is inside the margin, beta's is not
-    assert pooled_targets(crit, margin=0.0) == []
+    most = {"alpha": 0.9, "beta": 0.9}
+    assert pooled_targets(crit, most) == ["alpha"]  # alpha's gain is inside the margin, beta's is not
+    assert pooled_targets(crit, most, margin=0.0) == []
+    assert pooled_targets(crit, {"alpha": 0.9, "beta": 0.5}) == ["alpha", "beta"]  # beta's gain rests on half of them
     crit["specialists"]["beta"] = math.nan  # nothing measured: the simpler model
-    assert pooled_targets(crit) == ["alpha", "beta"]
+    assert pooled_targets(crit, most) == ["alpha", "beta"]
 
 
 def test_a_store_with_one_law_everywhere_pools_both_targets(tmp_path, ray_local):
