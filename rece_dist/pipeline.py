@@ -36,6 +36,7 @@ import ray
 
 from . import artifact as artifact_mod
 from .config import DeploymentConfig
+from .embedding import LatencyProfile, probe_rows, typical_grid
 from .ensemble import RECEModel, _qkey
 from .errors import StoreError
 from .features import FEATURES, TARGET_DEFINITION, TARGET_UNITS, column_scale
@@ -45,7 +46,6 @@ from .progress import RETRIES, gather, log
 from .quantile import fit_quantile, fit_quantile_sharded, fit_quantiles, resolve_crossings
 from .settings import PROFILE_ROWS_PER_CONFIG, TrainSettings
 from .shards import TARGETS, FeatureSet, Shard, featurize_store, probe_ranges
-from .embedding import LatencyProfile, probe_rows, typical_grid
 from .specialists import Clustering, cluster
 
 __all__ = ["TARGETS", "FeatureSet", "TrainSettings", "featurize_store", "fit_ensemble"]
