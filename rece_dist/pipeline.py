@@ -452,7 +452,7 @@ def _pooled_metrics(target: str, quantiles: tuple[float, ...], *outs: dict[str, 
     return m
 
 
-def _held_out_metrics(doc: dict[str, Any], fs: FeatureSet, settings: TrainSettings) -> dict[str, Any]:
+def held_out_metrics(doc: dict[str, Any], fs: FeatureSet, settings: TrainSettings) -> dict[str, Any]:
     """Held-out metrics per specialist and overall, from the artifact's own predictions.
 
     The driver holds only the metric dicts, whatever the row count; one task per (target,

@@ -33,12 +33,12 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 
+from .config import DeploymentConfig
 from .ensemble import _qkey
 from .errors import ReceError
 from .fitcache import FitCache
-from .config import DeploymentConfig
 from .metrics import pinball
-from .pipeline import TARGETS, FeatureSet, _held_out_metrics, fit_ensemble, score_shard, shard_rng
+from .pipeline import TARGETS, FeatureSet, held_out_metrics, fit_ensemble, score_shard, shard_rng
 from .progress import RETRIES, gather, log
 from .settings import VALIDATION_ROWS_PER_CONFIG, TrainSettings
 from .shards import Shard, featurize_store
@@ -71,7 +71,7 @@ def train(store_uri: str, settings: TrainSettings, s3: S3Options | None = None,
     t1 = time.monotonic()
     doc = fit_recipe(fs, settings, timings=timings)
     t2 = time.monotonic()
-    doc["metrics"] = _held_out_metrics(doc, fs, settings)
+    doc["metrics"] = held_out_metrics(doc, fs, settings)
     t3 = time.monotonic()
     if timings is not None:
         timings.update(featurize_s=t1 - t0, fit_s=t2 - t1, held_out_s=t3 - t2)
