@@ -73,9 +73,9 @@ def _settings(args: argparse.Namespace):
     return TrainSettings(
         specialists=args.specialists, quantiles=tuple(args.quantiles), clustering=args.clustering,
         temperature=args.temperature, top_k=args.top_k, borrow=args.borrow, calibrate_folds=args.calibrate_folds,
-        select_folds=args.select_folds,
-        l1=args.l1, noncrossing=not args.allow_crossing, max_fit_rows=args.max_fit_rows,
-        rows_per_config=args.rows_per_config, solver=args.solver, date_from=args.date_from, date_to=args.date_to, seed=args.seed,
+        select_folds=args.select_folds, l1=args.l1, noncrossing=not args.allow_crossing,
+        max_fit_rows=args.max_fit_rows, rows_per_config=args.rows_per_config, solver=args.solver,
+        date_from=args.date_from, date_to=args.date_to, seed=args.seed,
     )
 
 

@@ -20,13 +20,13 @@ import numpy as np
 import polars as pl
 import ray
 
+from .ensemble import RECEModel
 from .errors import ReceError
 from .fitcache import FitCache
 from .metrics import quantile_metrics, relative_pinball
-from .ensemble import RECEModel
 from .pipeline import TARGETS, FeatureSet, TrainSettings, fit_ensemble, predict_with
-from .recipe import fit_recipe
 from .progress import RETRIES, gather, log
+from .recipe import fit_recipe
 
 
 class EvaluationError(ReceError):
