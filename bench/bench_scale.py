@@ -3,6 +3,7 @@ ratio to the limit measured in the same run.
 
     python bench/bench_scale.py --rows 1e8 --configs 100          # the run (hours here)
     python bench/bench_scale.py --rows 1e7 --configs 100 --store bench/out/scale-1e7
+    python bench/bench_scale.py --rows 1e8 --configs 100 --rows-per-config 100000   # fits on a sample
 
 The store is generated once (``rece synth``, one day per configuration) and reused. The run is
 ``train_and_publish``, exactly what ``rece train`` does. The *limit* is what any trainer of the
@@ -149,6 +150,9 @@ def main() -> None:
                          "designs beyond it spill to disk")
     ap.add_argument("--max-fit-rows", type=int, default=TrainSettings.max_fit_rows,
                     help="specialists above it are fitted over their shards (default %(default)s)")
+    ap.add_argument("--rows-per-config", type=int, default=TrainSettings.rows_per_config,
+                    help="training rows per configuration and target in a fit, a fixed random sample (default: "
+                         "all); every row is still read, featurized and scored")
     ap.add_argument("--select-folds", type=int, default=TrainSettings.select_folds,
                     help="folds of the recipe's per-target choice (specialists or pooled), run and timed as a phase "
                          "of its own after training, so that the trained designs (K specialists) are the ones the "
@@ -177,7 +181,8 @@ def main() -> None:
     timings: dict = {}
     with tempfile.TemporaryDirectory(prefix="rece-scale-") as out:
         t = time.monotonic()
-        settings = TrainSettings(specialists=args.specialists, max_fit_rows=args.max_fit_rows, select_folds=0)
+        settings = TrainSettings(specialists=args.specialists, max_fit_rows=args.max_fit_rows,
+                                 rows_per_config=args.rows_per_config, select_folds=0)
         result, _ = train_and_publish(store_uri, out, settings, max_regression=None, timings=timings)
         e2e = time.monotonic() - t
     if args.select_folds:
@@ -201,7 +206,8 @@ def main() -> None:
     print(f"machine: {cpus} CPUs, {mem_gib:.0f} GiB, load average {os.getloadavg()[0]:.1f} after training; "
           f"Ray object store {ray_store_gib:.1f} GiB")
     print(f"store {store_uri}: {args.configs} configurations, {n_rows['steps']:,} step rows, "
-          f"{n_rows['requests']:,} request rows; {args.specialists} specialists, quantiles {settings.quantiles}")
+          f"{n_rows['requests']:,} request rows; {args.specialists} specialists, quantiles {settings.quantiles}, "
+          f"rows per configuration in a fit: {args.rows_per_config or 'all'}")
     print(f"fit stage: independent LPs {timings['fit_wall_s']:.1f} s wall, joint non-crossing re-solves "
           f"{timings['noncrossing_wall_s']:.1f} s wall; the rest of it (embedding, clustering, prepare) "
           f"{timings['fit_s'] - timings['fit_wall_s'] - timings['noncrossing_wall_s']:.1f} s")
