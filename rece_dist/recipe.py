@@ -14,8 +14,9 @@ reaches its fold's fit):
   ``SELECT_MARGIN`` and they predict most held-out configurations better, otherwise every
   specialist carries the pooled fit for that target
   (``targets.<t>.model`` says which), so the evaluation rule does not change. Refits use at
-  most ``VALIDATION_ROWS_PER_CONFIG`` rows per configuration, so the choice costs the same at
-  10^6 and at 10^9 rows.
+  most ``VALIDATION_ROWS_PER_CONFIG`` rows per configuration and score at most
+  ``SCORED_ROWS_PER_CONFIG`` of each held-out one, so the choice costs the same at 10^6 and at
+  10^9 rows.
 - **How far intervals must widen on a configuration never seen** (``unseen_calibration``,
   ``--calibrate-folds``), split-conformal over the same kind of groups.
 
@@ -34,13 +35,13 @@ import numpy as np
 import ray
 
 from .config import DeploymentConfig
-from .ensemble import _qkey
+from .ensemble import RECEModel, _qkey
 from .errors import ReceError
 from .fitcache import FitCache
 from .metrics import pinball
-from .pipeline import TARGETS, FeatureSet, held_out_metrics, fit_ensemble, score_shard, shard_rng
+from .pipeline import TARGETS, FeatureSet, held_out_metrics, fit_ensemble, shard_rng
 from .progress import RETRIES, gather, log
-from .settings import VALIDATION_ROWS_PER_CONFIG, TrainSettings
+from .settings import SCORED_ROWS_PER_CONFIG, VALIDATION_ROWS_PER_CONFIG, TrainSettings
 from .shards import Shard, featurize_store
 from .store import Partition, S3Options
 
@@ -113,16 +114,48 @@ def _folds(ids: Sequence[str], n: int, seed: int) -> list[set[str]]:
     return [{ids[i] for i in order[k::n]} for k in range(n)]
 
 
+def _config_rows(fs: FeatureSet, shards: Sequence[int]) -> dict[tuple[str, str], int]:
+    """Training rows per (configuration, target) over ``shards``: the denominator of a sampled share."""
+    rows: dict[tuple[str, str], int] = {}
+    for i in shards:
+        for t in TARGETS:
+            key = (fs.stats[i].config_id, t)
+            rows[key] = rows.get(key, 0) + fs.stats[i].train_rows[t]
+    return rows
+
+
+def _share(rows: dict[tuple[str, str], int], config_id: str, cap: int) -> dict[str, float]:
+    """Per target, the share of a configuration's rows that makes about ``cap`` of them."""
+    return {t: min(1.0, cap / max(rows.get((config_id, t), 0), 1)) for t in TARGETS}
+
+
+def _sampled_predictions(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, seed: int,
+                        share: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per target, (y, predicted quantiles) of a fixed random ``share`` of one shard's rows, all
+    of them (the fold held the configuration out); only the sampled rows are predicted."""
+    model = RECEModel(doc)
+    w = model.weights(cfg, None, None)
+    rng = shard_rng(shard, seed, 11)
+    got = {}
+    for t in TARGETS:
+        keep = rng.random(len(shard.y[t])) < share[t]
+        got[t] = (shard.y[t][keep], model.predict_matrix(t, shard.X[t][keep], w, model.unseen(cfg)).values)
+    return got
+
+
+_scored_sample = ray.remote(max_retries=RETRIES)(_sampled_predictions)
+
+
 @ray.remote(max_retries=RETRIES)
-def _loss_sums(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig) -> dict[str, tuple[float, float]]:
-    """Per target, over every row of one shard: (sum over rows of the mean pinball loss across
-    quantiles, sum of |y|). Summed over a configuration's shards, their ratio is its relative
-    pinball loss (``metrics.relative_pinball``); only two numbers per shard leave the task."""
-    out = score_shard(doc, shard, cfg, True, None, None)
+def _loss_sums(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, seed: int,
+               share: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """Per target, over a fixed random ``share`` of one shard's rows: (sum over rows of the mean
+    pinball loss across quantiles, sum of |y|). Summed over a configuration's shards, their
+    ratio is its relative pinball loss (``metrics.relative_pinball``); only two numbers per
+    shard leave the task."""
     qs = [float(q) for q in doc["quantiles"]]
     sums = {}
-    for t in TARGETS:
-        y, values, _ = out[t]
+    for t, (y, values) in _sampled_predictions(doc, shard, cfg, seed, share).items():
         sums[t] = (len(y) * float(np.mean([pinball(y, values[:, j], q) for j, q in enumerate(qs)])) if len(y) else 0.0,
                    float(np.abs(y).sum()))
     return sums
@@ -134,12 +167,14 @@ def select_models(fs: FeatureSet, settings: TrainSettings, shards: list[int],
 
     ``settings.select_folds`` groups of configurations; each fold fits the specialists and the
     pooled model on the other groups (at most ``VALIDATION_ROWS_PER_CONFIG`` rows per
-    configuration) and scores every row of its own. Returns the audit record kept in the
+    configuration) and scores its own (at most ``SCORED_ROWS_PER_CONFIG`` rows of each, the same
+    rows for both). Returns the audit record kept in the
     artifact's ``training.selection``: criteria, the pooled targets, the groups."""
     ids = sorted({fs.stats[i].config_id for i in shards})
     n = min(settings.select_folds, len(ids))
     cap = min(settings.rows_per_config or VALIDATION_ROWS_PER_CONFIG, VALIDATION_ROWS_PER_CONFIG)
     inner = dataclasses.replace(settings, select_folds=0, calibrate_folds=0, rows_per_config=cap)
+    rows = _config_rows(fs, shards)
     scored: list[tuple[tuple[str, str], ray.ObjectRef]] = []  # ((kind, held-out configuration), its shard's sums)
     groups = []
     for k, out in enumerate(_folds(ids, n, settings.seed)):
@@ -149,9 +184,11 @@ def select_models(fs: FeatureSet, settings: TrainSettings, shards: list[int],
         groups.append({"held_out": sorted(out), "trained_on": trained})
         for kind, labels in (("specialists", None), ("pooled", {c: 0 for c in trained})):
             doc_ref = ray.put(fit_ensemble(fs, inner, train, labels, cache=cache))
-            scored += [((kind, fs.stats[i].config_id), _loss_sums.remote(doc_ref, fs.shard_refs[i],
-                                                                       fs.configs[fs.stats[i].config_id]))
-                       for i in shards if fs.stats[i].config_id in out]
+            for i in shards:
+                c = fs.stats[i].config_id
+                if c in out:
+                    scored.append(((kind, c), _loss_sums.remote(doc_ref, fs.shard_refs[i], fs.configs[c], settings.seed,
+                                                                _share(rows, c, SCORED_ROWS_PER_CONFIG))))
     sums: dict[tuple[str, str, str], np.ndarray] = {}  # (kind, config, target) -> (pinball sum, |y| sum)
     for ((kind, c), _), got in zip(scored, gather([r for _, r in scored], "model selection scores")):
         for t in TARGETS:
@@ -167,7 +204,7 @@ def select_models(fs: FeatureSet, settings: TrainSettings, shards: list[int],
         f"{t} specialists {criterion['specialists'][t]:.5f} vs pooled {criterion['pooled'][t]:.5f}, better on "
         f"{improved[t]:.0%} of configurations -> {'pooled' if t in pooled else 'specialists'}" for t in TARGETS))
     return {"method": "grouped cross-validation over configurations", "folds": n, "rows_per_config": cap,
-            "margin": SELECT_MARGIN, "criterion": criterion, "specialists_better_on": improved, "pooled": pooled,
+            "scored_rows_per_config": SCORED_ROWS_PER_CONFIG, "margin": SELECT_MARGIN, "criterion": criterion, "specialists_better_on": improved, "pooled": pooled,
             "groups": groups}
 
 
@@ -179,20 +216,6 @@ def pooled_targets(criterion: dict[str, dict[str, float]], improved: dict[str, f
     criterion that could not be measured (NaN) pools."""
     return [t for t in TARGETS
             if not (criterion["specialists"][t] < (1 - margin) * criterion["pooled"][t] and improved[t] > 0.5)]
-
-
-@ray.remote(max_retries=RETRIES)
-def _scored_sample(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, seed: int,
-                   share: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per target, (y, predicted quantiles) of a fixed random ``share`` of one shard's rows."""
-    out = score_shard(doc, shard, cfg, True, None, None)
-    rng = shard_rng(shard, seed, 11)
-    got = {}
-    for t in TARGETS:
-        y, values, _ = out[t]
-        keep = rng.random(len(y)) < share[t]
-        got[t] = (y[keep], values[keep])
-    return got
 
 
 def widening_factor(ratio: np.ndarray, weight: np.ndarray, level: float) -> float:
@@ -226,7 +249,7 @@ def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int
     inner = dataclasses.replace(settings, calibrate_folds=0, select_folds=0, rows_per_config=cap)
     qs = settings.quantiles
     mid = len(qs) // 2
-    rows = {(c, t): sum(fs.stats[i].train_rows[t] for i in shards if fs.stats[i].config_id == c) for c in ids for t in TARGETS}
+    rows = _config_rows(fs, shards)
     held: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}  # (target, config) -> (y, quantiles)
     groups = []  # per fold: what it held out and what its fit says it trained on (auditable nesting)
     for k, out in enumerate(_folds(ids, n, settings.seed)):
@@ -235,8 +258,7 @@ def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int
         groups.append({"held_out": sorted(out), "trained_on": sorted(ray.get(doc_ref)["configurations"])})
         test = [i for i in shards if fs.stats[i].config_id in out]
         refs = [_scored_sample.remote(doc_ref, fs.shard_refs[i], fs.configs[fs.stats[i].config_id], settings.seed,
-                                      {t: min(1.0, cap / max(rows[(fs.stats[i].config_id, t)], 1)) for t in TARGETS})
-                for i in test]
+                                      _share(rows, fs.stats[i].config_id, cap)) for i in test]
         for i, res in zip(test, gather(refs, "unseen calibration scores")):
             for t in TARGETS:
                 held.setdefault((t, fs.stats[i].config_id), []).append(res[t])

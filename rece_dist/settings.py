@@ -16,6 +16,10 @@ from .errors import ReceError
 # linear quantile model of ~20 features is pinned down by a few thousand rows per configuration
 # (docs/transfer.md, "Evaluation cost", measures what the cap changes).
 VALIDATION_ROWS_PER_CONFIG = 4000
+# Held-out rows per configuration and target that a model-selection fold scores (a fixed random
+# sample above it): the choice compares two models on the same rows, so its cost need not grow
+# with the store's rows (at 10^8 rows, scoring every row was half of the selection's time).
+SCORED_ROWS_PER_CONFIG = 20_000
 # Training rows per configuration in the embedding's pooled P50 fit: a profile of a few dozen
 # log latencies between configurations that differ by tens of percent needs less.
 PROFILE_ROWS_PER_CONFIG = 1000
