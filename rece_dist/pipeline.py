@@ -322,7 +322,8 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
                 if d.size > settings.max_fit_rows:
                     sharded.append((t, j))
                     log(f"[rece] {t} specialist {j}: more than {settings.max_fit_rows:,} rows, fitted over "
-                        f"{len(refs)} shards; crossings left to rearrangement at prediction")
+                        f"{len(refs)} shards; crossings left to rearrangement at prediction (--rows-per-config "
+                        f"fits a fixed sample per configuration instead: hours less at 10^8 rows, docs/scaling.md)")
                     todo.append((d.size, (t, j), fit_sharded, (int(np.count_nonzero(d.columns)), refs)))
                 elif d.size <= BUNDLE_ROWS:
                     bundled.add((t, j))

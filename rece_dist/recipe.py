@@ -83,8 +83,13 @@ def fit_recipe(fs: FeatureSet, settings: TrainSettings, shards: list[int] | None
                timings: dict[str, Any] | None = None, cache: FitCache | None = None) -> dict[str, Any]:
     """The artifact document the recipe makes of ``shards`` (default: all): the per-target model
     choice (``settings.select_folds``), the fits, and the unseen-configuration widening
-    (``settings.calibrate_folds``), the validation refits seeing only these shards."""
+    (``settings.calibrate_folds``), the validation refits seeing only these shards.
+
+    Without a ``cache`` the recipe keeps its own: a selection fold's two refits then share one
+    embedding fit (equal training shards), and calibration folds equal to selection folds
+    reuse their refits."""
     shards = list(range(len(fs.stats))) if shards is None else list(shards)
+    cache = FitCache() if cache is None else cache
     ids = sorted({fs.stats[i].config_id for i in shards})
     selection = None
     if settings.select_folds and settings.specialists > 1:
@@ -97,7 +102,7 @@ def fit_recipe(fs: FeatureSet, settings: TrainSettings, shards: list[int] | None
     if selection:
         doc["training"]["selection"] = selection
     if settings.calibrate_folds:
-        doc["unseen_calibration"] = unseen_calibration(fs, settings, shards, pooled)
+        doc["unseen_calibration"] = unseen_calibration(fs, settings, shards, pooled, cache)
     return doc
 
 
@@ -227,7 +232,7 @@ def widening_factor(ratio: np.ndarray, weight: np.ndarray, level: float) -> floa
 
 
 def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int],
-                       pooled: Sequence[str] = ()) -> dict[str, Any]:
+                       pooled: Sequence[str] = (), cache: FitCache | None = None) -> dict[str, Any]:
     """Per target and quantile, how far from the median a quantile must move to hold its level
     on configurations the fit never saw (split-conformal over groups of configurations).
 
@@ -254,7 +259,7 @@ def unseen_calibration(fs: FeatureSet, settings: TrainSettings, shards: list[int
     groups = []  # per fold: what it held out and what its fit says it trained on (auditable nesting)
     for k, out in enumerate(_folds(ids, n, settings.seed)):
         log(f"[rece] unseen calibration: fold {k + 1}/{n}, holding out {len(out)} configuration(s)")
-        doc_ref = ray.put(_fit(fs, inner, [i for i in shards if fs.stats[i].config_id not in out], pooled))
+        doc_ref = ray.put(_fit(fs, inner, [i for i in shards if fs.stats[i].config_id not in out], pooled, cache=cache))
         groups.append({"held_out": sorted(out), "trained_on": sorted(ray.get(doc_ref)["configurations"])})
         test = [i for i in shards if fs.stats[i].config_id in out]
         refs = [_scored_sample.remote(doc_ref, fs.shard_refs[i], fs.configs[fs.stats[i].config_id], settings.seed,
