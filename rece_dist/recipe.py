@@ -179,6 +179,7 @@ def select_models(fs: FeatureSet, settings: TrainSettings, shards: list[int],
     n = min(settings.select_folds, len(ids))
     cap = min(settings.rows_per_config or VALIDATION_ROWS_PER_CONFIG, VALIDATION_ROWS_PER_CONFIG)
     inner = dataclasses.replace(settings, select_folds=0, calibrate_folds=0, rows_per_config=cap)
+    cache = FitCache() if cache is None else cache  # a fold's two refits share their embedding fit
     rows = _config_rows(fs, shards)
     scored: list[tuple[tuple[str, str], ray.ObjectRef]] = []  # ((kind, held-out configuration), its shard's sums)
     groups = []
