@@ -26,7 +26,7 @@ from .fitcache import FitCache
 from .metrics import quantile_metrics, relative_pinball
 from .pipeline import TARGETS, FeatureSet, TrainSettings, fit_ensemble, predict_with
 from .progress import RETRIES, gather, log
-from .recipe import fit_recipe
+from .recipe import fit_recipe, unseen_calibration
 
 
 class EvaluationError(ReceError):
@@ -71,7 +71,9 @@ class Fitter:
     A "rece" request is the recipe (``recipe.fit_recipe``): its interval calibration is nested
     in each fold. Its per-target model choice is not (``select_folds`` 0): a fold's "rece" fit
     keeps the specialists for both targets and its "global" fit is the pooled alternative, so
-    every evaluation reports both candidates the choice is between.
+    every evaluation reports both candidates the choice is between. Under an artifact trained
+    with ``calibrate_folds``, the "global" fit carries the same nested widening, since it is
+    then what the artifact ships for a pooled target (``evaluate.targets`` judges it so).
     """
 
     def __init__(self, fs: FeatureSet, settings: TrainSettings, parallel: int = 3, fit_rows: int | None = None):
@@ -101,7 +103,10 @@ class Fitter:
         if req.kind == "rece":
             return fit_recipe(self.fs, settings, list(req.train), cache=self.cache)
         ids = {self.fs.stats[i].config_id for i in req.train}
-        return fit_ensemble(self.fs, settings, list(req.train), fit_labels(req.kind, ids), cache=self.cache)
+        doc = fit_ensemble(self.fs, settings, list(req.train), fit_labels(req.kind, ids), cache=self.cache)
+        if req.kind == "global" and settings.calibrate_folds:  # what an artifact pooling every target ships
+            doc["unseen_calibration"] = unseen_calibration(self.fs, settings, list(req.train), TARGETS, self.cache)
+        return doc
 
     def fit_many(self, requests: Sequence[FitRequest], label: str = "fits") -> list[dict[str, Any]]:
         keys = [self._key(r) for r in requests]

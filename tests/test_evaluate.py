@@ -435,9 +435,11 @@ def test_evaluation_folds_nest_the_recipes_calibration(tmp_path, ray_local):
     write_store(root, n_configs=5, rows=300)
     settings = dataclasses.replace(SETTINGS, specialists=1, calibrate_folds=3)
     fs = featurize_store(root, settings)
-    rece = [m for m in methods(1) if m.key == "rece_dense"]
-    run = run_protocol(Fitter(fs, settings), protocol_folds(fs, "loco"), rece, settings.temperature)
+    chosen = [m for m in methods(1) if m.key in ("rece_dense", "global")]
+    run = run_protocol(Fitter(fs, settings), protocol_folds(fs, "loco"), chosen, settings.temperature)
     for fold, docs in zip(run.folds, run.docs):
-        groups = docs["rece"]["unseen_calibration"]["groups"]
-        seen = set().union(*(set(g["held_out"]) | set(g["trained_on"]) for g in groups))
-        assert seen == {fs.stats[i].config_id for i in fold.train} and not seen & fold.held_out_configs
+        # the global fit too: it is what an artifact pooling both targets ships, widening included
+        for kind in ("rece", "global"):
+            groups = docs[kind]["unseen_calibration"]["groups"]
+            seen = set().union(*(set(g["held_out"]) | set(g["trained_on"]) for g in groups))
+            assert seen == {fs.stats[i].config_id for i in fold.train} and not seen & fold.held_out_configs
