@@ -15,8 +15,8 @@ reaches its fold's fit):
   specialist carries the pooled fit for that target
   (``targets.<t>.model`` says which), so the evaluation rule does not change. Refits use at
   most ``VALIDATION_ROWS_PER_CONFIG`` rows per configuration and score at most
-  ``SCORED_ROWS_PER_CONFIG`` of each held-out one, so the choice costs the same at 10^6 and at
-  10^9 rows.
+  ``SCORED_ROWS_PER_CONFIG`` of each held-out one, so its LPs and scores do not grow with the
+  store (drawing the samples still reads every shard: docs/scaling.md).
 - **How far intervals must widen on a configuration never seen** (``unseen_calibration``,
   ``--calibrate-folds``), split-conformal over the same kind of groups.
 
@@ -86,8 +86,8 @@ def fit_recipe(fs: FeatureSet, settings: TrainSettings, shards: list[int] | None
     (``settings.calibrate_folds``), the validation refits seeing only these shards.
 
     Without a ``cache`` the recipe keeps its own: a selection fold's two refits then share one
-    embedding fit (equal training shards), and calibration folds equal to selection folds
-    reuse their refits."""
+    embedding fit (equal training shards), and calibration folds equal to the selection's can
+    reuse its refits."""
     shards = list(range(len(fs.stats))) if shards is None else list(shards)
     cache = FitCache() if cache is None else cache
     ids = sorted({fs.stats[i].config_id for i in shards})
@@ -135,7 +135,7 @@ def _share(rows: dict[tuple[str, str], int], config_id: str, cap: int) -> dict[s
 
 
 def _sampled_predictions(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, seed: int,
-                        share: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                         share: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per target, (y, predicted quantiles) of a fixed random ``share`` of one shard's rows, all
     of them (the fold held the configuration out); only the sampled rows are predicted."""
     model = RECEModel(doc)
@@ -210,8 +210,8 @@ def select_models(fs: FeatureSet, settings: TrainSettings, shards: list[int],
         f"{t} specialists {criterion['specialists'][t]:.5f} vs pooled {criterion['pooled'][t]:.5f}, better on "
         f"{improved[t]:.0%} of configurations -> {'pooled' if t in pooled else 'specialists'}" for t in TARGETS))
     return {"method": "grouped cross-validation over configurations", "folds": n, "rows_per_config": cap,
-            "scored_rows_per_config": SCORED_ROWS_PER_CONFIG, "margin": SELECT_MARGIN, "criterion": criterion, "specialists_better_on": improved, "pooled": pooled,
-            "groups": groups}
+            "scored_rows_per_config": SCORED_ROWS_PER_CONFIG, "margin": SELECT_MARGIN, "criterion": criterion,
+            "specialists_better_on": improved, "pooled": pooled, "groups": groups}
 
 
 def pooled_targets(criterion: dict[str, dict[str, float]], improved: dict[str, float],

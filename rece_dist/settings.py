@@ -17,8 +17,8 @@ from .errors import ReceError
 # (docs/transfer.md, "Evaluation cost", measures what the cap changes).
 VALIDATION_ROWS_PER_CONFIG = 4000
 # Held-out rows per configuration and target that a model-selection fold scores (a fixed random
-# sample above it): the choice compares two models on the same rows, so its cost need not grow
-# with the store's rows (at 10^8 rows, scoring every row was half of the selection's time).
+# sample above it): the choice compares two models on the same rows, and predicting every row of
+# a 10^6-row configuration twice per fold says no more than 20,000 of them do.
 SCORED_ROWS_PER_CONFIG = 20_000
 # Training rows per configuration in the embedding's pooled P50 fit: a profile of a few dozen
 # log latencies between configurations that differ by tens of percent needs less.
