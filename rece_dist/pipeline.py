@@ -29,7 +29,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import ray
@@ -255,12 +255,16 @@ def score_shard(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfig, all_ro
 
 
 def predict_with(model: RECEModel, shard: Shard, cfg: DeploymentConfig, all_rows: bool, top_k: int | None,
-                 temperature: float | None) -> dict[str, Any]:
-    """Per target: (y, predicted quantiles, rows rearranged) of one shard's held-out (or all) rows."""
+                 temperature: float | None, masks: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Per target: (y, predicted quantiles, rows rearranged) of one shard's held-out (or all) rows,
+    or of the rows ``masks`` selects per target (only those are predicted)."""
     w = model.weights(cfg, top_k, temperature)
     out: dict[str, Any] = {}
     for t in TARGETS:
-        mask = np.ones(len(shard.y[t]), dtype=bool) if all_rows else shard.holdout[t]
+        if masks is not None:
+            mask = masks[t]
+        else:
+            mask = np.ones(len(shard.y[t]), dtype=bool) if all_rows else shard.holdout[t]
         pred = model.predict_matrix(t, shard.X[t][mask], w, model.unseen(cfg))
         out[t] = (shard.y[t][mask], pred.values, pred.rows_sorted)
     return out

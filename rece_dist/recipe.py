@@ -39,7 +39,7 @@ from .ensemble import RECEModel, _qkey
 from .errors import ReceError
 from .fitcache import FitCache
 from .metrics import pinball
-from .pipeline import TARGETS, FeatureSet, held_out_metrics, fit_ensemble, shard_rng
+from .pipeline import TARGETS, FeatureSet, held_out_metrics, fit_ensemble, predict_with, shard_rng
 from .progress import RETRIES, gather, log
 from .settings import SCORED_ROWS_PER_CONFIG, VALIDATION_ROWS_PER_CONFIG, TrainSettings
 from .shards import Shard, featurize_store
@@ -138,14 +138,10 @@ def _sampled_predictions(doc: dict[str, Any], shard: Shard, cfg: DeploymentConfi
                          share: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per target, (y, predicted quantiles) of a fixed random ``share`` of one shard's rows, all
     of them (the fold held the configuration out); only the sampled rows are predicted."""
-    model = RECEModel(doc)
-    w = model.weights(cfg, None, None)
     rng = shard_rng(shard, seed, 11)
-    got = {}
-    for t in TARGETS:
-        keep = rng.random(len(shard.y[t])) < share[t]
-        got[t] = (shard.y[t][keep], model.predict_matrix(t, shard.X[t][keep], w, model.unseen(cfg)).values)
-    return got
+    masks = {t: rng.random(len(shard.y[t])) < share[t] for t in TARGETS}
+    out = predict_with(RECEModel(doc), shard, cfg, True, None, None, masks)
+    return {t: (y, values) for t, (y, values, _) in out.items()}
 
 
 _scored_sample = ray.remote(max_retries=RETRIES)(_sampled_predictions)
