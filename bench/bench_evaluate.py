@@ -9,7 +9,9 @@ default artifact, then
    the Ray task seconds by function (ray.timeline): what one fold costs before any reuse;
 2. runs the whole evaluation (`review.review_artifact`, default options but ``--fit-rows``:
    0 refits on every row) and prints its wall time with the number of specialist fits solved
-   and reused (``fitcache``), per phase.
+   and reused (``fitcache``), and its Ray task seconds and task counts by function.
+
+The CLI's own wall time (Ray's start, the report, the exit) is `time rece evaluate ...`.
 """
 
 from __future__ import annotations
@@ -31,12 +33,23 @@ from rece_dist.review import review_artifact
 from common import local_ray, store_at
 
 
-def task_seconds() -> dict[str, float]:
-    out: dict[str, float] = collections.defaultdict(float)
+def task_seconds() -> dict[str, tuple[float, int]]:
+    """Ray task seconds and task count by function, over everything this process ran so far."""
+    secs: dict[str, float] = collections.defaultdict(float)
+    count: dict[str, int] = collections.defaultdict(int)
     for e in ray.timeline():
         if e.get("ph") == "X" and e["name"].startswith("rece_dist."):
-            out[e["name"].removeprefix("rece_dist.")] += e["dur"] / 1e6
-    return out
+            name = e["name"].removeprefix("rece_dist.")
+            secs[name] += e["dur"] / 1e6
+            count[name] += 1
+    return {k: (secs[k], count[k]) for k in secs}
+
+
+def task_line(before: dict[str, tuple[float, int]]) -> str:
+    """Task seconds (and tasks) by function since ``before``, largest first."""
+    now = task_seconds()
+    diff = {k: (s - before.get(k, (0.0, 0))[0], n - before.get(k, (0.0, 0))[1]) for k, (s, n) in now.items()}
+    return ", ".join(f"{k} {s:.1f} s ({n:,})" for k, (s, n) in sorted(diff.items(), key=lambda kv: -kv[1][0]) if n)
 
 
 def one_fold(store: str, settings: TrainSettings) -> None:
@@ -54,8 +67,7 @@ def one_fold(store: str, settings: TrainSettings) -> None:
         k = max(range(len(lp)), key=lp.__getitem__)
         print(f"| {kind} | {time.monotonic() - t:.1f} | {tm['fit_wall_s']:.1f} | {tm['noncrossing_wall_s']:.1f} "
               f"| {len(lp)} | {lp[k]:.1f} | {tm['lp_rows'][k]:,} |")
-    print("Ray task seconds by function: " + ", ".join(f"{k} {v:.1f}" for k, v in
-                                                     sorted(task_seconds().items(), key=lambda kv: -kv[1])))
+    print("Ray task seconds (tasks) by function: " + task_line({}))
 
 
 def main() -> None:
@@ -77,10 +89,12 @@ def main() -> None:
     art = f"{store}-artifact.json"
     with open(art, "wb") as f:
         f.write(canonical_bytes(train(store, settings).artifact))
+    before = task_seconds()
     t = time.monotonic()
     rv = review_artifact(art, store, EvalOptions(fit_rows=args.fit_rows or None))
     print(f"whole evaluation (default options, fit rows {args.fit_rows or 'all'}): {time.monotonic() - t:.1f} s, "
           f"{len(rv.evaluation.runs)} protocols; see the [evaluate] lines above for the phases")
+    print("its Ray task seconds (tasks) by function: " + task_line(before))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_fn import rq_fit_pfn  # noqa: E402
 
 from rece_dist.features import REQUEST_READ, STEP_READ  # noqa: E402
-from rece_dist.pipeline import TrainSettings  # noqa: E402
+from rece_dist.pipeline import PartSpec, TrainSettings, part_rows  # noqa: E402
 from rece_dist.progress import gather  # noqa: E402
 from rece_dist.recipe import select_models  # noqa: E402
 from rece_dist.settings import VALIDATION_ROWS_PER_CONFIG  # noqa: E402
@@ -120,15 +120,15 @@ def scan_partition(files: tuple[str, ...], columns: list[str]) -> tuple[int, flo
 
 
 @ray.remote(num_cpus=1)
-def reference_fit(tau: float, rows: int, parts: list[ray.ObjectRef]) -> tuple[int, float]:
+def reference_fit(tau: float, rows: int, spec: PartSpec, samples: list[ray.ObjectRef]) -> tuple[int, float]:
     """The reference solver on one fit's stacked design matrix; returns (rows, seconds).
 
-    The parts are fetched one at a time into one preallocated matrix (row weights folded in),
-    so the task holds the stacked matrix once, not it and every part beside it."""
-    p = ray.get(parts[0])[0].shape[1]
+    The samples are fetched one at a time into one preallocated matrix (row weights folded in),
+    so the task holds the stacked matrix once, not it and every sample beside it."""
+    p = int(np.count_nonzero(spec.columns))
     X, y, at = np.empty((rows, p)), np.empty(rows), 0
-    for ref in parts:
-        Xp, yp, wp = ray.get(ref)
+    for ref, weight in zip(samples, spec.row_weights):
+        Xp, yp, wp = part_rows(ray.get(ref), spec.scale, spec.columns, weight)
         X[at:at + len(yp)] = Xp * wp[:, None]
         y[at:at + len(yp)] = yp * wp
         at += len(yp)
@@ -234,11 +234,11 @@ def main() -> None:
         read_s = time.monotonic() - t
         t = time.monotonic()
         refs, node_memory = [], ray.cluster_resources()["memory"]
-        for key, design in timings["design_refs"].items():
+        for key, (spec, samples) in timings["design_inputs"].items():
             n = timings["design_rows"][key]  # the stacked matrix and PK's ~8 n-vectors beside it
             need = int(8 * n * (timings["design_cols"][key] + 8))
             task = reference_fit.options(memory=min(need, node_memory))  # the largest alone on the node
-            refs += [task.remote(q, n, list(design)) for q in settings.quantiles]
+            refs += [task.remote(q, n, spec, list(samples)) for q in settings.quantiles]
         ref_rows = sum(r for r, _ in gather(refs, f"limit: reference fits ({len(refs)})"))
         fit_ref_s = time.monotonic() - t
         limit = read_s + fit_ref_s

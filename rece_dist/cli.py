@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from .errors import ReceError
-from .settings import VALIDATION_ROWS_PER_CONFIG
+from .settings import EVALUATION_ROWS_PER_CONFIG
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -377,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--folds", type=int, default=None,
                     help="folds over configurations for the sensitivity sweep (default: one per configuration)")
     ev.add_argument("--no-donor-experiment", action="store_true", help="skip the donor-selection experiment")
-    ev.add_argument("--fit-rows", type=int, default=VALIDATION_ROWS_PER_CONFIG, metavar="N",
+    ev.add_argument("--fit-rows", type=int, default=EVALUATION_ROWS_PER_CONFIG, metavar="N",
                     help="every refit trains on a fixed random sample of at most N rows per configuration and "
-                         f"target (default {VALIDATION_ROWS_PER_CONFIG:,}; 0: every training row, as the artifact was fitted)")
+                         f"target (default {EVALUATION_ROWS_PER_CONFIG:,}; 0: every training row, as the artifact was fitted)")
     ev.add_argument("--max-regression", type=float, default=0.05,
                     help="pinball regression vs the previous version that counts as worse (default 0.05)")
     ev.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else local)")

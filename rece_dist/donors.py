@@ -187,15 +187,18 @@ def donor_experiment(fitter: Fitter, trials: int = 3, seed: int = 0) -> DonorExp
     relative pinball loss on the targets, averaged over targets and both latency targets.
     """
     fs = fitter.fs
-    ids = fs.config_ids
-    out = []
-    for trial, (targets, base, pool) in enumerate(distinct_splits(ids, trials, seed)):
+    plans = []
+    for trial, (targets, base, pool) in enumerate(distinct_splits(fs.config_ids, trials, seed)):
         picks = rank_donors([fs.configs[c] for c in base], [fs.configs[c] for c in pool], len(pool))
         pool = [p.config.config_id for p in picks]
-        sets = {"base": base, **{c: base + [c] for c in pool}}
+        plans.append((targets, base, pool, {"base": base, **{c: base + [c] for c in pool}}))
         log(f"[donors] trial {trial + 1}: {len(targets)} targets, base {len(base)}, pool {len(pool)}")
-        docs = fitter.fit_many([FitRequest(tuple(fs.shards_of(s)), "rece") for s in sets.values()],
-                               f"donor trial {trial + 1}")
+    # every trial's fits in one pool: trial by trial, each one's last fit ran alone
+    fitted = iter(fitter.fit_many([FitRequest(tuple(fs.shards_of(s)), "rece") for *_, sets in plans
+                                   for s in sets.values()], "donor fits"))
+    out = []
+    for trial, (targets, base, pool, sets) in enumerate(plans):
+        docs = [next(fitted) for _ in sets]
         unseen = tuple(fs.shards_of(targets))
         jobs = [PredictJob(doc, unseen, True, fitter.settings.top_k, fitter.settings.temperature,
                            ("donors", str(trial), name, "unseen")) for name, doc in zip(sets, docs)]

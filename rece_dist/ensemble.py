@@ -118,6 +118,7 @@ class RECEModel:
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"artifact is malformed ({type(exc).__name__}: {exc})") from None
         self.members = {cid: i for i, s in enumerate(doc["specialists"]) for cid in s["members"]}
+        self._embedded: dict[str, np.ndarray] = {}
         try:
             cal = doc.get("unseen_calibration")
             self.widen = None if cal is None else {
@@ -130,7 +131,13 @@ class RECEModel:
         return cfg.config_id not in self.members  # the specialists' members are the artifact's configurations
 
     def embed(self, cfg: DeploymentConfig) -> np.ndarray:
-        return self.profile(cfg)
+        """The configuration's profile, computed once per model: an evaluation mixes one
+        configuration under several temperatures and top-k (``feature_matrix`` each time was
+        most of its scoring tasks' time)."""
+        e = self._embedded.get(cfg.config_id)
+        if e is None:
+            e = self._embedded[cfg.config_id] = self.profile(cfg)
+        return e
 
     def similarity(self, cfg: DeploymentConfig) -> np.ndarray:
         """Minus the RMS log-latency distance of ``cfg``'s profile to each specialist's centroid."""

@@ -18,7 +18,7 @@ import hashlib
 import json
 import threading
 from concurrent.futures import Future
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -38,11 +38,13 @@ def fit_key(target: str, parts: Sequence[tuple[int, float, float]], scale: np.nd
 
 
 class FitCache:
-    """Futures of specialist fits by ``fit_key``; thread-safe."""
+    """Futures of specialist fits by ``fit_key``, and the training-row samples they read
+    (``RowSamples``); thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
+        self.samples = RowSamples()
         self.hits = 0
         self.solved = 0
 
@@ -99,3 +101,25 @@ class FitBatch:
             fits[name], report = fut.result()
             if report is not None:
                 crossing[name] = report
+
+
+class RowSamples:
+    """Object refs of training-row samples by (shard, target, share, seed); thread-safe.
+
+    Why: the designs of one evaluation take the same few shares of each shard (a member's
+    capped rows, a borrowed configuration's tenth) again and again, across specialists,
+    quantiles and folds; a task per (design, shard) was ~13,500 one-millisecond tasks on e12,
+    whose scheduling cost more than their work. Held as long as the cache is (a ``FitCache``
+    lives for one evaluation or one ``train``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refs: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The ref under ``key``, submitting ``make()`` the first time it is asked for."""
+        with self._lock:
+            ref = self._refs.get(key)
+            if ref is None:
+                ref = self._refs[key] = make()
+            return ref

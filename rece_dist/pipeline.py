@@ -8,10 +8,11 @@ validation refits and the job itself, ``train``, are ``recipe.py``'s):
    matrices (natural units), targets and a held-out mask. Settings: ``settings.py``.
 2. ``fit_profile`` fits the embedding's pooled P50 model on a capped row sample; the driver
    embeds the configurations (``embedding.LatencyProfile``) and clusters them into specialists.
-3. ``prepare``: per shard and target, training rows are scaled by the specialist's column
-   scale and weighted so each configuration counts by its share inside its specialist
-   (members equally, borrowed configurations through a row sample); the result is put in the
-   object store once and passed to every fit by reference.
+3. ``sample_rows``: per shard, target and sampled share, the training rows are put in the
+   object store once (``fitcache.RowSamples``) and passed by reference to every fit that
+   takes that share of the shard; each configuration counts by its share inside its
+   specialist (members equally, borrowed configurations through a row sample), and a fit task
+   scales and weights its samples itself (``part_rows``).
 4. ``fit``: one task per (target, specialist, quantile) solves the pinball LP in cvxpy;
    with non-crossing on, one task per (target, specialist) then removes crossings. A
    specialist above ``max_fit_rows`` is never stacked in one task: a ``fit_sharded`` task
@@ -40,7 +41,7 @@ from .embedding import LatencyProfile, probe_rows, typical_grid
 from .ensemble import RECEModel, _qkey
 from .errors import StoreError
 from .features import FEATURES, TARGET_DEFINITION, TARGET_UNITS, column_scale
-from .fitcache import FitBatch, FitCache, fit_key
+from .fitcache import FitBatch, FitCache, RowSamples, fit_key
 from .metrics import quantile_metrics
 from .progress import RETRIES, gather, log
 from .quantile import fit_quantile, fit_quantile_sharded, fit_quantiles, resolve_crossings
@@ -89,21 +90,47 @@ def shard_rng(shard: Shard, seed: int, *salt: int) -> np.random.Generator:
 
 
 @ray.remote(max_retries=RETRIES)
-def prepare(shard: Shard, target: str, scale: np.ndarray, columns: np.ndarray,
-            weight: float, keep: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Training rows of one shard for one specialist fit: scaled kept features, target, weights.
+def sample_rows(shard: Shard, target: str, keep: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's training rows of a target, every feature column: all of them, or with ``keep``
+    < 1 that share (a fixed sample for a shard and seed, so every specialist, quantile and fold
+    that takes this share of the shard sees the same rows).
 
-    ``keep`` < 1 samples that share of the rows (fixed for a shard and seed, so every specialist
-    and quantile sees the same sample) and gives each ``weight / keep``."""
+    A task per (shard, target, share), shared through ``fitcache.RowSamples`` by every design
+    that takes that share of the shard: e12's evaluation (~600 designs of ~30 shards each) reads
+    ~280 samples, where a task per design and shard made ~13,500."""
     train = ~shard.holdout[target]
     if keep < 1:
         train &= shard_rng(shard, seed).random(train.size) < keep
-    X = shard.X[target][train][:, columns] / scale[columns]
-    return X, shard.y[target][train], np.full(int(train.sum()), weight / keep)
+    return shard.X[target][train], shard.y[target][train]
 
 
-def _stack(parts: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...]) -> tuple[np.ndarray, ...]:
+def part_rows(sample: tuple[np.ndarray, np.ndarray], scale: np.ndarray, columns: np.ndarray,
+              row_weight: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A sample as one design's part: kept columns in the solver's scale, the target, row weights."""
+    X, y = sample
+    return X[:, columns] / scale[columns], y, np.full(len(y), row_weight)
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """What turns a design's samples into its parts (``part_rows``): small, sent with every fit task."""
+
+    scale: np.ndarray
+    columns: np.ndarray
+    row_weights: tuple[float, ...]  # per part: the configuration's row weight / its sampled share
+
+
+def _stack(spec: PartSpec, samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+    parts = [part_rows(s, spec.scale, spec.columns, w) for s, w in zip(samples, spec.row_weights)]
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+@ray.remote(max_retries=RETRIES)
+def prepare(sample: tuple[np.ndarray, np.ndarray], scale: np.ndarray, columns: np.ndarray,
+            row_weight: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``part_rows`` as a task: the parts of a design fitted over its shards (``fit_sharded``),
+    whose reduction passes read (X, y, w) from the object store."""
+    return part_rows(sample, scale, columns, row_weight)
 
 
 def config_shares(ids: list[str], members: list[str], borrow: float) -> dict[str, float]:
@@ -143,10 +170,21 @@ class Design:
     unobserved: np.ndarray
     size: float
 
-    def prepare(self, fs: FeatureSet, target: str, seed: int) -> list[ray.ObjectRef]:
-        """The design's training rows, one ``prepare`` task per shard, left in the object store."""
-        return [prepare.remote(fs.shard_refs[i], target, self.scale, self.columns, w, keep, seed)
-                for i, w, keep in self.parts]
+    def spec(self) -> PartSpec:
+        return PartSpec(self.scale, self.columns, tuple(w / keep for _, w, keep in self.parts))
+
+    def samples(self, fs: FeatureSet, target: str, seed: int, store: RowSamples) -> list[ray.ObjectRef]:
+        """The design's training rows, a ``sample_rows`` task per shard (one per share of it,
+        whichever design asks first), left in the object store."""
+        return [store.get((i, target, keep, seed),
+                          lambda i=i, keep=keep: sample_rows.remote(fs.shard_refs[i], target, keep, seed))
+                for i, _, keep in self.parts]
+
+    def prepared(self, fs: FeatureSet, target: str, seed: int, store: RowSamples) -> list[ray.ObjectRef]:
+        """The design's parts as (X, y, w) objects, one ``prepare`` task per shard (``fit_sharded``)."""
+        spec = self.spec()
+        return [prepare.remote(r, self.scale, self.columns, w)
+                for r, w in zip(self.samples(fs, target, seed, store), spec.row_weights)]
 
 
 def design(fs: FeatureSet, target: str, by_config: dict[str, list[int]], members: list[str], borrow: float,
@@ -185,12 +223,14 @@ def fit_profile(fs: FeatureSet, settings: TrainSettings, by_config: dict[str, li
     cap = min(settings.rows_per_config or PROFILE_ROWS_PER_CONFIG, PROFILE_ROWS_PER_CONFIG)
     d = design(fs, "beta", by_config, ids, 1.0, cap)
     fits: dict[str, Any] = {}
+    store = cache.samples if cache is not None else RowSamples()
     with FitBatch(cache) as batch:  # folds of one evaluation share the profile of equal training shards
         if batch.claim("profile", fit_key("beta profile P50", d.parts, d.scale, d.columns, settings.to_dict())):
-            refs = d.prepare(fs, "beta", settings.seed)
-            task = (fit_sharded.remote(0.5, settings.l1, settings.solver, settings.seed,
-                                       int(np.count_nonzero(d.columns)), refs)
-                    if d.size > settings.max_fit_rows else fit.remote(0.5, settings.l1, settings.solver, settings.seed, *refs))
+            task = (fit_sharded.remote(0.5, settings.l1, settings.solver, settings.seed, int(np.count_nonzero(d.columns)),
+                                       d.prepared(fs, "beta", settings.seed, store))
+                    if d.size > settings.max_fit_rows else
+                    fit.remote(0.5, settings.l1, settings.solver, settings.seed, d.spec(),
+                               *d.samples(fs, "beta", settings.seed, store)))
             fits["profile"] = gather([task], "embedding fit")[0]
     batch.complete(fits, {})
     return LatencyProfile(probe_rows({"beta": grid})["beta"], np.asarray(_natural(fits["profile"].coef, d.scale, d.columns)))
@@ -203,8 +243,8 @@ def _penalize(p: int) -> np.ndarray:
 
 
 @ray.remote(max_retries=RETRIES)
-def fit(tau: float, l1: float, solver: str, seed: int, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]):
-    X, y, w = _stack(parts)
+def fit(tau: float, l1: float, solver: str, seed: int, spec: PartSpec, *samples: tuple[np.ndarray, np.ndarray]):
+    X, y, w = _stack(spec, samples)
     return fit_quantile(X, y, tau, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver, seed=seed)
 
 
@@ -233,18 +273,18 @@ BUNDLE_ROWS = 20_000
 
 
 @ray.remote(max_retries=RETRIES)
-def fit_bundle(quantiles: tuple[float, ...], l1: float, solver: str, seed: int, noncrossing: bool,
-               *parts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[list, Any]:
+def fit_bundle(quantiles: tuple[float, ...], l1: float, solver: str, seed: int, noncrossing: bool, spec: PartSpec,
+               *samples: tuple[np.ndarray, np.ndarray]) -> tuple[list, Any]:
     """Every quantile of a small design in one task; the crossing report only with ``noncrossing``."""
-    X, y, w = _stack(parts)
+    X, y, w = _stack(spec, samples)
     fits, report = fit_quantiles(X, y, quantiles, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver,
                                  noncrossing=noncrossing, seed=seed)
     return fits, report if noncrossing else None
 
 
 @ray.remote(max_retries=RETRIES)
-def uncross(fits: list, l1: float, solver: str, *parts: tuple[np.ndarray, np.ndarray, np.ndarray]):
-    X, y, w = _stack(parts)
+def uncross(fits: list, l1: float, solver: str, spec: PartSpec, *samples: tuple[np.ndarray, np.ndarray]):
+    X, y, w = _stack(spec, samples)
     return resolve_crossings(X, y, fits, weights=w, l1=l1, penalize=_penalize(X.shape[1]), solver=solver)
 
 
@@ -306,10 +346,11 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     sil = "n/a" if clus.silhouette is None else f"{clus.silhouette:.3f}"
     log(f"[rece] {len(ids)} configurations -> {clus.k} specialists ({clus.method}, silhouette {sil})")
 
-    # prepare + fit, every (target, specialist, quantile) an independent task, but small designs
+    # samples + fit, every (target, specialist, quantile) an independent task, but small designs
     designs: dict[tuple[str, int], Design] = {}
     fit_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
-    part_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
+    inputs: dict[tuple[str, int], tuple[PartSpec, list[ray.ObjectRef]]] = {}  # per design: its spec and samples
+    store = cache.samples if cache is not None else RowSamples()
     sharded: list[tuple[str, int]] = []
     bundled: set[tuple[str, int]] = set()
     crossing: dict[tuple[str, int], Any] = {}
@@ -322,18 +363,19 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
                 d = designs[(t, j)] = design(fs, t, by_config, cids, settings.borrow, settings.rows_per_config)
                 if not batch.claim((t, j), fit_key(t, d.parts, d.scale, d.columns, settings.to_dict())):
                     continue
-                refs = part_refs[(t, j)] = d.prepare(fs, t, settings.seed)
+                spec, refs = inputs[(t, j)] = d.spec(), d.samples(fs, t, settings.seed, store)
                 if d.size > settings.max_fit_rows:
                     sharded.append((t, j))
                     log(f"[rece] {t} specialist {j}: more than {settings.max_fit_rows:,} rows, fitted over "
                         f"{len(refs)} shards; crossings left to rearrangement at prediction (--rows-per-config "
                         f"fits a fixed sample per configuration instead: hours less at 10^8 rows, docs/scaling.md)")
-                    todo.append((d.size, (t, j), fit_sharded, (int(np.count_nonzero(d.columns)), refs)))
+                    todo.append((d.size, (t, j), fit_sharded,
+                                 (int(np.count_nonzero(d.columns)), d.prepared(fs, t, settings.seed, store))))
                 elif d.size <= BUNDLE_ROWS:
                     bundled.add((t, j))
-                    todo.append((d.size, (t, j), fit_bundle, tuple(refs)))
+                    todo.append((d.size, (t, j), fit_bundle, (spec, *refs)))
                 else:
-                    todo.append((d.size, (t, j), fit, tuple(refs)))
+                    todo.append((d.size, (t, j), fit, (spec, *refs)))
                 fit_refs[(t, j)] = []  # filled below; the keys keep the artifact's order
         # largest first (LPT order): the longest fit must not start last and run alone at the end
         for _, key, task, args in sorted(todo, key=lambda x: -x[0]):
@@ -353,12 +395,12 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
         t1 = time.monotonic()
         if timings is not None:  # the independent fits' own times, before non-crossing replaces them
             timings.update(lp_seconds=[f.seconds for fl in fits.values() for f in fl],
-                           lp_rows=[f.n_rows for fl in fits.values() for f in fl], design_refs=dict(part_refs),
+                           lp_rows=[f.n_rows for fl in fits.values() for f in fl], design_inputs=dict(inputs),
                            design_rows={k: fl[0].n_rows for k, fl in fits.items()},
                            design_cols={k: int(np.count_nonzero(designs[k].columns)) for k in fits})
         if uncrossing:
             keys = [k for k in fits if k not in sharded and k not in bundled]
-            refs = [uncross.remote(fits[k], settings.l1, settings.solver, *part_refs[k]) for k in keys]
+            refs = [uncross.remote(fits[k], settings.l1, settings.solver, inputs[k][0], *inputs[k][1]) for k in keys]
             for k, (new_fits, report) in zip(keys, gather(refs, "non-crossing") if refs else []):
                 fits[k], crossing[k] = new_fits, report
         if timings is not None:

@@ -326,7 +326,9 @@ def render_html(rv: Review, images: dict[str, str | None]) -> str:
              f"{tr.get('configurations', '?')} configurations, dates {'..'.join(tr.get('date_window', []))}. "
              f"Folds re-fit with the artifact's settings (K={s.specialists}, {s.clustering}, borrow {s.borrow:g}, "
              f"temperature {s.temperature:g}, quantiles {', '.join(f'{q:g}' for q in s.quantiles)}"
-             f"{f', unseen intervals calibrated by {s.calibrate_folds} folds' if s.calibrate_folds else ''}). "
+             f"{f', unseen intervals calibrated by {s.calibrate_folds} folds' if s.calibrate_folds else ''}), "
+             + (f"each on at most {ev.options.fit_rows:,} training rows per configuration and target. "
+                if ev.options.fit_rows else "each on every training row. ") +
              f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC in {rv.seconds:.0f} s.</p>"]
     targets = ev_targets(ev)
     if len(targets):

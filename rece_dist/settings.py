@@ -16,6 +16,10 @@ from .errors import ReceError
 # linear quantile model of ~20 features is pinned down by a few thousand rows per configuration
 # (docs/transfer.md, "Evaluation cost", measures what the cap changes).
 VALIDATION_ROWS_PER_CONFIG = 4000
+# Training rows per configuration and target in a refit of ``rece evaluate`` (its ~600 specialist
+# designs on e12 cost ~100 ms of CPU each, a third of it fixed, so halving the rows saves 27%: 103 s
+# -> 75 s on 2 CPUs; what it changes on e12's report is in docs/transfer.md, "Evaluation cost").
+EVALUATION_ROWS_PER_CONFIG = 2000
 # Held-out rows per configuration and target that a model-selection fold scores (a fixed random
 # sample above it): the choice compares two models on the same rows, and predicting every row of
 # a 10^6-row configuration twice per fold says no more than 20,000 of them do.

@@ -147,7 +147,7 @@ class TestMultiNode:
         model = api.train(reference.store, publish_to=str(tmp_path / "out"), max_regression=None, **SETTINGS)
         assert model.version == reference.version
         workers = {n.node_id for n in cluster.worker_nodes}
-        stages = {"featurize", "prepare", "fit", "uncross", "score_shard"}
+        stages = {"featurize", "sample_rows", "fit", "uncross", "score_shard"}
 
         def nodes_by_stage() -> dict[str, set[str]] | None:  # task events reach the GCS about a second late
             by_name: dict[str, set[str]] = {}
@@ -158,9 +158,9 @@ class TestMultiNode:
 
         by_name = _wait_for(nodes_by_stage, 30, "every stage's task records", every=1.0)
         assert set().union(*by_name.values()) == workers  # both workers, never the CPU-less head
-        # the fit stage (prepare, LPs, non-crossing) on both workers; which node takes the LPs
-        # themselves is Ray's locality-aware choice (where their prepared rows are), not ours
-        assert set().union(*(by_name[s] for s in ("prepare", "fit", "uncross"))) == workers
+        # the fit stage (row samples, LPs, non-crossing) on both workers; which node takes the LPs
+        # themselves is Ray's locality-aware choice (where their samples are), not ours
+        assert set().union(*(by_name[s] for s in ("sample_rows", "fit", "uncross"))) == workers
 
     def test_killed_fit_worker_is_retried_to_the_same_artifact(self, reference, tmp_path):
         seen = {t.task_id for t in _tasks()}
@@ -360,7 +360,7 @@ class TestJobSubmission:
         # progress: one line per phase from the driver, nothing printed from inside tasks
         fits = re.search(r"^  fits \(\d+ LPs(?: in \d+ tasks)?\): (\d+)/(\d+) done", logs, re.M)
         assert fits and fits.group(1) == fits.group(2), logs[-3000:]
-        assert not re.search(r"^\((featurize|prepare|fit|uncross|score_shard)\b", logs, re.M)
+        assert not re.search(r"^\((featurize|sample_rows|prepare|fit|uncross|score_shard)\b", logs, re.M)
 
     def test_jobs_with_bad_input_fail_fast_with_one_line(self, job_server, reference, s3_server, tmp_path):
         from ray.job_submission import JobStatus

@@ -19,7 +19,9 @@ from ground_truth import write_store
 from rece_dist import artifact
 from rece_dist.ensemble import RECEModel
 from rece_dist.errors import ReceError, SchemaError, StoreError
-from rece_dist.pipeline import TrainSettings, design, featurize_store, fit_ensemble, predict_shards, prepare
+from rece_dist.fitcache import RowSamples
+from rece_dist.pipeline import (TrainSettings, design, featurize_store, fit_ensemble, part_rows, predict_shards,
+                                 sample_rows)
 from rece_dist.recipe import fit_recipe, train, widening_factor
 from rece_dist.store import Store
 
@@ -140,22 +142,37 @@ def test_borrowing_everything_is_the_global_model(truth_store, ray_local):
 
 
 def test_borrowed_configuration_enters_as_a_fixed_row_sample(truth_store, ray_local):
-    """A borrowed share below 1 is a random sample of the shard's training rows at weight / share:
-    the expected total weight is unchanged, and the sample is the same on every call."""
+    """A share below 1 of a shard is a random sample of its training rows, the same on every call
+    (the weights that keep a configuration's share: the next test)."""
     settings = TrainSettings()
     fs = featurize_store(truth_store[0], settings)
     ref, st = fs.shard_refs[0], fs.stats[0]
-    p = len(st.col_max["beta"])
-    scale, cols = np.ones(p), np.arange(p)
-    X, y, w = ray.get(prepare.remote(ref, "beta", scale, cols, 2.0))
-    Xs, ys, ws = ray.get(prepare.remote(ref, "beta", scale, cols, 2.0, 0.25, 7))
-    Xs2, _, _ = ray.get(prepare.remote(ref, "beta", scale, cols, 2.0, 0.25, 7))
+    X, y = ray.get(sample_rows.remote(ref, "beta"))
+    Xs, ys = ray.get(sample_rows.remote(ref, "beta", 0.25, 7))
+    Xs2, _ = ray.get(sample_rows.remote(ref, "beta", 0.25, 7))
     n = len(y)
     assert n == st.train_rows["beta"] and abs(len(ys) - 0.25 * n) < 4 * np.sqrt(0.25 * 0.75 * n)
-    np.testing.assert_array_equal(ws, np.full(len(ys), 8.0))
     np.testing.assert_array_equal(Xs, Xs2)
     rows = {tuple(r) for r in np.column_stack([X, y])}
     assert all(tuple(r) in rows for r in np.column_stack([Xs, ys]))
+
+
+def test_designs_share_one_sample_per_shard_and_share(truth_store, ray_local):
+    """Designs that take the same share of a shard read one ``sample_rows`` object (one task),
+    however many specialists, quantiles or folds ask for it; another share is another sample."""
+    fs = featurize_store(truth_store[0], TrainSettings())
+    by_config: dict[str, list[int]] = {}
+    for i, st in enumerate(fs.stats):
+        by_config.setdefault(st.config_id, []).append(i)
+    a, b = sorted(by_config)
+    store = RowSamples()
+    first = design(fs, "beta", by_config, [a], 0.5, 500).samples(fs, "beta", 3, store)
+    again = design(fs, "beta", by_config, [a], 0.5, 500).samples(fs, "beta", 3, store)
+    other = design(fs, "beta", by_config, [b], 0.5, 500).samples(fs, "beta", 3, store)
+    assert [r.hex() for r in first] == [r.hex() for r in again]
+    # a's shards are a member's share in `first`, a borrowed one in `other`: different samples
+    shared = {r.hex() for r in first} & {r.hex() for r in other}
+    assert not shared
 
 
 def test_rows_per_config_caps_every_configuration_and_keeps_its_share(truth_store, ray_local):
@@ -171,7 +188,8 @@ def test_rows_per_config_caps_every_configuration_and_keeps_its_share(truth_stor
     n = {c: sum(fs.stats[i].train_rows["beta"] for i in by_config[c]) for c in by_config}
     cap = 500
     d = design(fs, "beta", by_config, [member], 0.5, cap)
-    parts = [ray.get(r) for r in d.prepare(fs, "beta", seed=3)]
+    parts = [part_rows(ray.get(r), d.scale, d.columns, w)
+             for r, w in zip(d.samples(fs, "beta", 3, RowSamples()), d.spec().row_weights)]
     got = {c: (sum(len(parts[k][1]) for k, (i, _, _) in enumerate(d.parts) if fs.stats[i].config_id == c),
                sum(parts[k][2].sum() for k, (i, _, _) in enumerate(d.parts) if fs.stats[i].config_id == c))
            for c in by_config}

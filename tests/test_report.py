@@ -82,6 +82,8 @@ def test_the_page_shows_the_evaluations_numbers(run):
     # temporal: every configuration has older data, so the donor is not defined anywhere
     assert "n/a: nearest configuration as donor, seen and unseen" in page
     assert "sensitivity to temperature, k and top-k" in page.lower()
+    # the numbers depend on the refits' row cap: the page says which (the CLI's default here)
+    assert "each on at most 2,000 training rows per configuration and target" in page
 
 
 def test_the_worse_latest_version_shows_up_as_drift(run):

@@ -142,12 +142,18 @@ class ProtocolRun:
     cells: list[CellRef]
 
 
+def fold_requests(folds: Sequence[Fold], meths: Sequence[Method]) -> list[FitRequest]:
+    """The fits a protocol's folds need: one per fold and kind of fit the methods use."""
+    kinds = sorted({m.fit for m in meths})
+    return [FitRequest(f.train, k) for f in folds for k in kinds]
+
+
 def run_protocol(fitter: Fitter, folds: Sequence[Fold], meths: Sequence[Method], temperature: float) -> ProtocolRun:
     """Fit every method's model on each fold's training shards, then score seen and unseen rows."""
     fs = fitter.fs
     protocol = folds[0].protocol
     kinds = sorted({m.fit for m in meths})
-    docs_flat = fitter.fit_many([FitRequest(f.train, k) for f in folds for k in kinds], f"{protocol} fits")
+    docs_flat = fitter.fit_many(fold_requests(folds, meths), f"{protocol} fits")
     docs = [dict(zip(kinds, docs_flat[i * len(kinds):(i + 1) * len(kinds)])) for i in range(len(folds))]
     jobs = []
     for fold, fd in zip(folds, docs):

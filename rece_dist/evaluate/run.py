@@ -16,15 +16,16 @@ import polars as pl
 
 from ..config import DeploymentConfig
 from ..pipeline import TARGETS, FeatureSet, TrainSettings
-from ..settings import VALIDATION_ROWS_PER_CONFIG
+from ..settings import EVALUATION_ROWS_PER_CONFIG
 from ..progress import log
 from ..refit import (CellRef, EvaluationError, FitRequest, Fitter, aggregate, aggregate_refined, own_mixing_job,
                      predict_cells, sample_cells)
 from .baselines import Method, _folds, baseline_rows, methods, table_footnotes, text_table
 from .embedding_check import EmbeddingCheck, embedding_check
 from .targets import rece_method, targets_text, transfer_targets, unobserved_in_folds
-from .protocols import PROTOCOL_TITLES, PROTOCOLS, ProtocolRun, config_kfold, protocol_folds, run_protocol
-from .tune import Sweep, sweep
+from .protocols import (PROTOCOL_TITLES, PROTOCOLS, Fold, ProtocolRun, config_kfold, fold_requests, protocol_folds,
+                        run_protocol)
+from .tune import Sweep, sweep, sweep_requests
 
 @dataclass(frozen=True)
 class EvalOptions:
@@ -37,7 +38,7 @@ class EvalOptions:
     borrows: tuple[float, ...] | None = None  # None: the artifact's borrow only
     sample_rows: int = 150
     parallel_fits: int = 3
-    fit_rows: int | None = VALIDATION_ROWS_PER_CONFIG  # rows per configuration and target in a refit (None: all)
+    fit_rows: int | None = EVALUATION_ROWS_PER_CONFIG  # rows per configuration and target in a refit (None: all)
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols if p not in PROTOCOLS]
@@ -117,20 +118,29 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
     fitter = fitter or Fitter(fs, settings, options.parallel_fits, options.fit_rows)
     meths = methods(options.sparse_top_k)
     notes: list[str] = []
-    runs: dict[str, ProtocolRun] = {}
+    folds: dict[str, list[Fold]] = {}
     for p in options.protocols:
         try:
-            folds = protocol_folds(fs, p)
+            folds[p] = protocol_folds(fs, p)
         except EvaluationError as exc:
             if len(options.protocols) == 1:
                 raise
             notes.append(f"skipped {p}: {exc}")
             log(f"[evaluate] skipped {p}: {exc}")
-            continue
-        log(f"[evaluate] {p} ({PROTOCOL_TITLES[p]}): {len(folds)} fold(s)")
-        runs[p] = run_protocol(fitter, folds, meths, settings.temperature)
-    if not runs:
+    if not folds:
         raise EvaluationError("no protocol could run on this store: " + "; ".join(notes))
+    cv = config_kfold(fs, options.cv_folds, settings.seed) if len(fs.config_ids) >= 3 else None
+    everything = tuple(range(len(fs.stats)))
+    # every fit of the evaluation in one pool, largest training sets first: phase by phase, each
+    # phase's last fits ran alone on an otherwise idle machine
+    requests = [r for p in folds for r in fold_requests(folds[p], meths)] + [FitRequest(everything, "per_config")]
+    if cv is not None:
+        requests += sweep_requests(fitter.settings, cv, options.k_grid, options.borrows)
+    fitter.fit_many(sorted(requests, key=lambda r: -len(r.train)), "evaluation fits")
+    runs: dict[str, ProtocolRun] = {}
+    for p, fp in folds.items():
+        log(f"[evaluate] {p} ({PROTOCOL_TITLES[p]}): {len(fp)} fold(s)")
+        runs[p] = run_protocol(fitter, fp, meths, settings.temperature)
     cells = [c for r in runs.values() for c in r.cells]
     qs = settings.quantiles
     attrs = config_attrs(fs.configs)
@@ -140,7 +150,7 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
                                         "published artifact"), qs, ("split", "target"))
     main = "loco" if "loco" in runs else next(iter(runs))
 
-    per_config_doc = fitter.fit_many([FitRequest(tuple(range(len(fs.stats))), "per_config")], "embedding fit")[0]
+    per_config_doc = fitter.fit_many([FitRequest(everything, "per_config")], "embedding fit")[0]
     held_out = ({next(iter(f.held_out_configs)): d["global"] for f, d in zip(runs["loco"].folds, runs["loco"].docs)}
                 if "loco" in runs else None)
     emb = (embedding_check(fs, per_config_doc, settings, options.k_grid, held_out) if len(fs.config_ids) >= 3
@@ -148,9 +158,8 @@ def evaluate(fs: FeatureSet, settings: TrainSettings, artifact_doc: dict[str, An
     if emb is None:
         notes.append("embedding validation needs at least 3 configurations")
     sw = None
-    if len(fs.config_ids) >= 3:
-        sw = sweep(fitter, config_kfold(fs, options.cv_folds, settings.seed), options.k_grid, options.temperatures,
-                   options.top_ks, options.borrows)
+    if cv is not None:
+        sw = sweep(fitter, cv, options.k_grid, options.temperatures, options.top_ks, options.borrows)
     else:
         notes.append("the sensitivity sweep needs at least 3 configurations")
     scores, by_config, by_gpu, by_model = aggregate_refined(cells, qs, base, ("config_id", "gpu", "model"), attrs)

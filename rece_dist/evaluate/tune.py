@@ -35,12 +35,8 @@ def sweep(fitter: Fitter, folds: Sequence[Fold], k_grid: Sequence[int], temperat
     specialist; a fold whose clustering found fewer than top-k specialists mixes all of them, so
     every grid point covers every fold. ``borrows`` None: the settings' borrow only.
     """
-    borrows = (fitter.settings.borrow,) if borrows is None else tuple(borrows)
-    if not borrows or any(not 0 <= b <= 1 for b in borrows):
-        raise EvaluationError(f"--borrow-grid values must be in [0, 1], got {list(borrows)}")
-    points = [(K, b) for K in k_grid for b in (borrows if K > 1 else borrows[:1])]
-    reqs = [FitRequest(f.train, "rece", K, b) for f in folds for K, b in points]
-    docs = fitter.fit_many(reqs, "sweep fits")
+    points = _points(fitter.settings, k_grid, borrows)
+    docs = fitter.fit_many(sweep_requests(fitter.settings, folds, k_grid, borrows), "sweep fits")
     jobs, params = [], {}
     for (fold, K, b), doc in zip(((f, K, b) for f in folds for K, b in points), docs):
         b = b if K > 1 else 0.0
@@ -61,6 +57,20 @@ def sweep(fitter: Fitter, folds: Sequence[Fold], k_grid: Sequence[int], temperat
     grid = meta.join(grid, on="method").sort(["K", "borrow", "temperature", "top_k", "target"])
     best = choose(crit)
     return Sweep(grid, {**params[best["method"]], "criterion": best["criterion"]}, len(folds))
+
+
+def _points(settings: TrainSettings, k_grid: Sequence[int], borrows: Sequence[float] | None) -> list[tuple[int, float]]:
+    """The (K, borrow) pairs the sweep fits (borrow only matters with more than one specialist)."""
+    borrows = (settings.borrow,) if borrows is None else tuple(borrows)
+    if not borrows or any(not 0 <= b <= 1 for b in borrows):
+        raise EvaluationError(f"--borrow-grid values must be in [0, 1], got {list(borrows)}")
+    return [(K, b) for K in k_grid for b in (borrows if K > 1 else borrows[:1])]
+
+
+def sweep_requests(settings: TrainSettings, folds: Sequence[Fold], k_grid: Sequence[int],
+                   borrows: Sequence[float] | None = None) -> list[FitRequest]:
+    """The fits ``sweep`` needs: one per fold and (K, borrow)."""
+    return [FitRequest(f.train, "rece", K, b) for f in folds for K, b in _points(settings, k_grid, borrows)]
 
 
 def choose(criteria: pl.DataFrame) -> dict[str, Any]:

@@ -8,6 +8,7 @@ the object store (each task's memory is its shard plus chunk temporaries).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import numpy as np
@@ -21,19 +22,27 @@ from .problem import _CHUNK, _SHARD_SHIFT, _column_range, _rho_sum, _validate_ar
 # chunk from a generator seeded by (seed, shard, chunk): nested stages, no n-sized state.
 
 
+@functools.cache
+def _blas_controller():
+    """One ``ThreadpoolController`` per process: building one scans every loaded library, which
+    cost more than the passes it guards (6.5 s of an evaluation's tasks, measured with py-spy)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        return None
+    return ThreadpoolController()
+
+
 def _single_blas(fn: Callable) -> Callable:
     """Run a pass with one BLAS thread: its products are small (chunk x p), and multithreaded
     OpenBLAS on them is slower, badly so on a shared machine (measured 40x on a 3 x 65536 gemm)."""
 
-    import functools
-
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn
+        ctl = _blas_controller()
+        if ctl is None:  # pragma: no cover
             return fn(*args, **kwargs)
-        with threadpool_limits(1, user_api="blas"):
+        with ctl.limit(limits=1, user_api="blas"):
             return fn(*args, **kwargs)
 
     return wrapper
