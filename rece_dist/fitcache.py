@@ -109,12 +109,15 @@ class RowSamples:
     Why: the designs of one evaluation take the same few shares of each shard (a member's
     capped rows, a borrowed configuration's tenth) again and again, across specialists,
     quantiles and folds; a task per (design, shard) was ~13,500 one-millisecond tasks on e12,
-    whose scheduling cost more than their work. Held as long as the cache is (a ``FitCache``
-    lives for one evaluation or one ``train``)."""
+    whose scheduling cost more than their work. A ``FitCache`` (one evaluation, one ``train``)
+    holds capped fits' samples for its lifetime; ``fit_ensemble`` keeps uncapped ones per call."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._refs: dict[Hashable, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._refs)
 
     def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
         """The ref under ``key``, submitting ``make()`` the first time it is asked for."""

@@ -223,7 +223,7 @@ def fit_profile(fs: FeatureSet, settings: TrainSettings, by_config: dict[str, li
     cap = min(settings.rows_per_config or PROFILE_ROWS_PER_CONFIG, PROFILE_ROWS_PER_CONFIG)
     d = design(fs, "beta", by_config, ids, 1.0, cap)
     fits: dict[str, Any] = {}
-    store = cache.samples if cache is not None else RowSamples()
+    store = cache.samples if cache is not None else RowSamples()  # capped: a profile's samples are small
     with FitBatch(cache) as batch:  # folds of one evaluation share the profile of equal training shards
         if batch.claim("profile", fit_key("beta profile P50", d.parts, d.scale, d.columns, settings.to_dict())):
             task = (fit_sharded.remote(0.5, settings.l1, settings.solver, settings.seed, int(np.count_nonzero(d.columns)),
@@ -350,7 +350,9 @@ def fit_ensemble(fs: FeatureSet, settings: TrainSettings, shards: list[int] | No
     designs: dict[tuple[str, int], Design] = {}
     fit_refs: dict[tuple[str, int], list[ray.ObjectRef]] = {}
     inputs: dict[tuple[str, int], tuple[PartSpec, list[ray.ObjectRef]]] = {}  # per design: its spec and samples
-    store = cache.samples if cache is not None else RowSamples()
+    # samples outlive this call (in the cache) only under a row cap, which bounds them; uncapped,
+    # they are every training row and live as long as this call's fits, like the fits' inputs did
+    store = cache.samples if cache is not None and settings.rows_per_config else RowSamples()
     sharded: list[tuple[str, int]] = []
     bundled: set[tuple[str, int]] = set()
     crossing: dict[tuple[str, int], Any] = {}

@@ -19,7 +19,7 @@ from ground_truth import write_store
 from rece_dist import artifact
 from rece_dist.ensemble import RECEModel
 from rece_dist.errors import ReceError, SchemaError, StoreError
-from rece_dist.fitcache import RowSamples
+from rece_dist.fitcache import FitCache, RowSamples
 from rece_dist.pipeline import (TrainSettings, design, featurize_store, fit_ensemble, part_rows, predict_shards,
                                  sample_rows)
 from rece_dist.recipe import fit_recipe, train, widening_factor
@@ -173,6 +173,20 @@ def test_designs_share_one_sample_per_shard_and_share(truth_store, ray_local):
     # a's shards are a member's share in `first`, a borrowed one in `other`: different samples
     shared = {r.hex() for r in first} & {r.hex() for r in other}
     assert not shared
+
+
+def test_only_capped_samples_outlive_a_fit(truth_store, ray_local):
+    """A FitCache keeps the samples of capped fits (bounded by the cap) for later fits; uncapped
+    samples are every training row, and a fit keeps them only while it runs. The embedding
+    profile's samples are always capped."""
+    fs = featurize_store(truth_store[0], TrainSettings())
+    uncapped, capped = FitCache(), FitCache()
+    fit_ensemble(fs, TrainSettings(specialists=1), cache=uncapped)
+    fit_ensemble(fs, TrainSettings(specialists=1, rows_per_config=500), cache=capped)
+    assert len(uncapped.samples) == len(fs.stats)  # the profile's: one beta sample per shard
+    # one per shard and target; the beta fit takes the same 500 rows of each shard as the profile
+    # (whose cap is min(rows_per_config, 1,000)), so it reads the profile's samples
+    assert len(capped.samples) == 2 * len(fs.stats)
 
 
 def test_rows_per_config_caps_every_configuration_and_keeps_its_share(truth_store, ray_local):
