@@ -22,6 +22,7 @@ from .evaluate import tune as _tune
 from .pipeline import TrainSettings
 from .review import Review, review_artifact
 from .runner import connect_ray, train_and_publish
+from .settings import SWEEP_FOLDS
 
 __all__ = ["RECEModel", "TrainSettings", "EvalOptions", "train", "load_artifact", "evaluate_artifact", "tune"]
 
@@ -76,10 +77,11 @@ def evaluate_artifact(artifact: str, store: str, options: EvalOptions = EvalOpti
     return rv
 
 
-def tune(store: str, settings: TrainSettings | None = None, *, folds: int | None = None,
+def tune(store: str, settings: TrainSettings | None = None, *, folds: int | None = SWEEP_FOLDS,
          k_grid: Sequence[int] = (1, 2, 4, 6), temperatures: Sequence[float] = (0.01, 0.03, 0.1, 0.3),
          top_ks: Sequence[int | None] = (1, 2, None), borrows: Sequence[float] | None = None,
          ray_address: str | None = None, **overrides: Any) -> Sweep:
-    """Pick K, borrow, temperature and top-k by grouped cross-validation over the store's configurations."""
+    """Pick K, borrow, temperature and top-k by grouped cross-validation over the store's configurations
+    (``folds`` groups, each held out once; None: one configuration per fold)."""
     connect_ray(ray_address)
     return _tune(store, _settings(settings, overrides), folds, k_grid, temperatures, top_ks, borrows)

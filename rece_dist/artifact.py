@@ -23,6 +23,7 @@ Nothing time-dependent is inside, so the same data and settings give the same by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -59,6 +60,11 @@ _VERSIONED_PACKAGES = ("rece-dist", "ray", "polars", "pyarrow", "numpy", "scipy"
 
 def library_versions() -> dict[str, str]:
     """Python and the installed versions of the libraries and solvers a fit depends on."""
+    return dict(_library_versions())
+
+
+@functools.cache  # every fit document records them; reading package metadata took ~10 ms a call
+def _library_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _VERSIONED_PACKAGES:
         try:
@@ -70,9 +76,11 @@ def library_versions() -> dict[str, str]:
 
 def git_commit() -> str:
     """The code's commit: ``RECE_GIT_COMMIT`` (set by CI or the job image) or ``git rev-parse``."""
-    env = os.environ.get("RECE_GIT_COMMIT")
-    if env:
-        return env
+    return os.environ.get("RECE_GIT_COMMIT") or _git_head()
+
+
+@functools.cache  # a subprocess per fit document cost ~3 ms each; the checkout does not move under a run
+def _git_head() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)

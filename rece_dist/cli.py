@@ -8,7 +8,7 @@ import sys
 from typing import Callable
 
 from .errors import ReceError
-from .settings import EVALUATION_ROWS_PER_CONFIG
+from .settings import EVALUATION_ROWS_PER_CONFIG, SWEEP_FOLDS
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -374,8 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--protocol", choices=["loco", "logo", "lomo", "temporal", "all"], default="all",
                     help="validation protocol (default: all that the store allows)")
     ev.add_argument("--sparse-top-k", type=int, default=2, help="k of the sparse RECE variant (default 2)")
-    ev.add_argument("--folds", type=int, default=None,
-                    help="folds over configurations for the sensitivity sweep (default: one per configuration)")
+    ev.add_argument("--folds", type=int, default=SWEEP_FOLDS,
+                    help=f"folds over configurations for the sensitivity sweep (default {SWEEP_FOLDS}; "
+                         "at least the number of configurations: leave one out)")
     ev.add_argument("--no-donor-experiment", action="store_true", help="skip the donor-selection experiment")
     ev.add_argument("--fit-rows", type=int, default=EVALUATION_ROWS_PER_CONFIG, metavar="N",
                     help="every refit trains on a fixed random sample of at most N rows per configuration and "
@@ -388,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tu = sub.add_parser("tune", help="pick K, temperature and top-k by grouped cross-validation over configurations")
     tu.add_argument("--store", required=True, help="trace store: folder or s3://bucket/prefix")
-    tu.add_argument("--folds", type=int, default=None, help="folds over configurations (default: one per configuration)")
+    tu.add_argument("--folds", type=int, default=SWEEP_FOLDS,
+                    help=f"folds over configurations (default {SWEEP_FOLDS}; at least the number of configurations: "
+                         "leave one out)")
     _add_train_options(tu)
     _grid_options(tu)
     tu.set_defaults(fn=_cmd_tune)

@@ -24,7 +24,7 @@ import polars as pl
 from .config import Catalog, DeploymentConfig, config_vector, read_document
 from .errors import ConfigError
 from .refit import EvaluationError, Fitter, FitRequest, PredictJob, aggregate, predict_cells
-from .pipeline import TARGETS
+from .pipeline import TARGETS, FeatureSet
 from .progress import log
 from .embedding import Embedding
 
@@ -180,6 +180,27 @@ def distinct_splits(ids: Sequence[str], trials: int, seed: int) -> list[tuple[li
     return out
 
 
+def plan_trials(fs: FeatureSet, trials: int = 3, seed: int = 0) -> list[tuple[list[str], list[str], list[str], dict[str, list[str]]]]:
+    """Per trial: targets, base, the pool in ranked order, and the configuration sets to fit
+    (the base alone and base + each candidate). Deterministic, so a caller can queue the fits
+    early (``Fitter.defer``) and ``donor_experiment`` finds them."""
+    plans = []
+    for targets, base, pool in distinct_splits(fs.config_ids, trials, seed):
+        picks = rank_donors([fs.configs[c] for c in base], [fs.configs[c] for c in pool], len(pool))
+        pool = [p.config.config_id for p in picks]
+        plans.append((targets, base, pool, {"base": base, **{c: base + [c] for c in pool}}))
+    return plans
+
+
+def _requests(fs: FeatureSet, plans: Sequence[tuple[Any, ...]]) -> list[FitRequest]:
+    return [FitRequest(tuple(fs.shards_of(s)), "rece") for *_, sets in plans for s in sets.values()]
+
+
+def donor_requests(fs: FeatureSet, trials: int = 3, seed: int = 0) -> list[FitRequest]:
+    """The RECE fits of every trial's configuration sets (what ``donor_experiment`` will ask for)."""
+    return _requests(fs, plan_trials(fs, trials, seed))
+
+
 def donor_experiment(fitter: Fitter, trials: int = 3, seed: int = 0) -> DonorExperiment:
     """Targets held out; fit RECE on base + each pool candidate; compare the top donor with the rest.
 
@@ -187,15 +208,11 @@ def donor_experiment(fitter: Fitter, trials: int = 3, seed: int = 0) -> DonorExp
     relative pinball loss on the targets, averaged over targets and both latency targets.
     """
     fs = fitter.fs
-    plans = []
-    for trial, (targets, base, pool) in enumerate(distinct_splits(fs.config_ids, trials, seed)):
-        picks = rank_donors([fs.configs[c] for c in base], [fs.configs[c] for c in pool], len(pool))
-        pool = [p.config.config_id for p in picks]
-        plans.append((targets, base, pool, {"base": base, **{c: base + [c] for c in pool}}))
+    plans = plan_trials(fs, trials, seed)
+    for trial, (targets, base, pool, _) in enumerate(plans):
         log(f"[donors] trial {trial + 1}: {len(targets)} targets, base {len(base)}, pool {len(pool)}")
     # every trial's fits in one pool: trial by trial, each one's last fit ran alone
-    fitted = iter(fitter.fit_many([FitRequest(tuple(fs.shards_of(s)), "rece") for *_, sets in plans
-                                   for s in sets.values()], "donor fits"))
+    fitted = iter(fitter.fit_many(_requests(fs, plans), "donor fits"))
     out = []
     for trial, (targets, base, pool, sets) in enumerate(plans):
         docs = [next(fitted) for _ in sets]

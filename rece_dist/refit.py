@@ -10,9 +10,8 @@ one `Cell` per configuration and target; `aggregate` turns cells into metric tab
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -58,8 +57,9 @@ def fit_labels(kind: str, config_ids: Iterable[str]) -> dict[str, int] | None:
 class Fitter:
     """Runs ``fit_ensemble`` for fit requests, each distinct one once.
 
-    Folds, baselines and sweeps ask for overlapping fits (LOCO's RECE fit is also the sweep's
-    fit at the default K); caching them halves a full evaluation. Below that, distinct fits
+    Folds, baselines and sweeps ask for overlapping fits (every protocol wants the
+    per-configuration fits on all shards; a leave-one-out sweep's fits at the artifact's K are
+    LOCO's); each is run once. Below that, distinct fits
     share their unchanged specialists (``fitcache.FitCache``: a configuration's own model is
     solved once for every fold that trains on all its shards). Distinct fits run a few at a
     time from driver threads so a cluster is not idle between one fit's LPs and the next.
@@ -83,9 +83,15 @@ class Fitter:
             settings = dataclasses.replace(settings, rows_per_config=min(settings.rows_per_config or fit_rows, fit_rows))
         self.settings = settings
         self.parallel = parallel
-        self.docs: dict[FitRequest, dict[str, Any]] = {}
         self.cache = FitCache()
-        self._lock = threading.Lock()
+        self._futures: dict[FitRequest, Future] = {}
+        self._deferred: list[FitRequest] = []
+        self._pools: list[ThreadPoolExecutor] = []
+
+    @property
+    def docs(self) -> dict[FitRequest, dict[str, Any]]:
+        """The fits finished so far, by canonical request."""
+        return {k: f.result() for k, f in self._futures.items() if f.done() and not f.cancelled() and f.exception() is None}
 
     def _key(self, req: FitRequest) -> FitRequest:
         """Canonical form: sorted shards; K and borrow only matter (and default to the settings')
@@ -108,23 +114,53 @@ class Fitter:
             doc["unseen_calibration"] = unseen_calibration(self.fs, settings, list(req.train), TARGETS, self.cache)
         return doc
 
+    def defer(self, requests: Sequence[FitRequest]) -> None:
+        """Queue fits behind the next ``fit_many`` call's own, which does not wait for them.
+
+        Why: a phase's fits saturate the cluster, but its scoring and aggregation afterwards
+        do not; a later phase's fits (the donor experiment's) deferred into the same pool run
+        in that gap, and the later ``fit_many`` asking for them only waits for what is left."""
+        self._deferred += [self._key(r) for r in requests]
+
     def fit_many(self, requests: Sequence[FitRequest], label: str = "fits") -> list[dict[str, Any]]:
         keys = [self._key(r) for r in requests]
-        todo = list(dict.fromkeys(k for k in keys if k not in self.docs))
-        if todo:
-            log(f"[evaluate] {label}: {len(todo)} fit(s) ({len(keys) - len(todo)} reused)")
-            t0, done = time.monotonic(), 0
+        todo = [k for k in dict.fromkeys(keys) if k not in self._futures]
+        if todo or self._deferred:
             pool = ThreadPoolExecutor(max_workers=self.parallel)
-            try:
-                for key, doc in zip(todo, pool.map(self._fit, todo)):
-                    with self._lock:
-                        self.docs[key] = doc
-                    done += 1
-                    log(f"[evaluate] {label}: fit {done}/{len(todo)} done ({time.monotonic() - t0:.0f} s)")
-            finally:  # on Ctrl-C or an error, drop the fits not yet started instead of running them all
-                pool.shutdown(wait=False, cancel_futures=True)
-            log(f"[evaluate] {label}: specialist fits so far: {self.cache.solved} solved, {self.cache.hits} reused")
-        return [self.docs[k] for k in keys]
+            self._pools.append(pool)
+            for k in todo + [k for k in dict.fromkeys(self._deferred) if k not in self._futures and k not in todo]:
+                self._futures[k] = pool.submit(self._fit, k)
+            self._deferred = []
+            pool.shutdown(wait=False)  # its threads work through the queue, deferred fits included
+        pending = [f for f in dict.fromkeys(self._futures[k] for k in keys) if not f.done()]
+        if not pending:
+            return [self._futures[k].result() for k in keys]
+        early = len(pending) - len(todo)
+        log(f"[evaluate] {label}: {len(pending)} fit(s)" + (f", {early} queued earlier" if early > 0 else "")
+            + f" ({len(keys) - len(pending)} reused)")
+        t0 = time.monotonic()
+        try:
+            for done, fut in enumerate(as_completed(pending), 1):
+                fut.result()
+                log(f"[evaluate] {label}: fit {done}/{len(pending)} done ({time.monotonic() - t0:.0f} s)")
+        except BaseException:  # on Ctrl-C or an error, drop the fits not yet started instead of running them all
+            self.close()
+            raise
+        log(f"[evaluate] {label}: specialist fits so far: {self.cache.solved} solved, {self.cache.hits} reused")
+        return [self._futures[k].result() for k in keys]
+
+    def close(self) -> None:
+        """Cancel the fits not started yet (deferred ones nobody asked for, or after an error)."""
+        self._deferred = []
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._futures = {k: f for k, f in self._futures.items() if not f.cancelled()}
+
+    def __enter__(self) -> "Fitter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # --- predictions and scored cells ------------------------------------------------------------

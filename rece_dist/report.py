@@ -12,9 +12,10 @@ and the donor experiment.
 from __future__ import annotations
 
 import html
+import io
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import matplotlib
 
@@ -23,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
+import ray  # noqa: E402
 
 from .donors import describe  # noqa: E402
 from .ensemble import RECEModel  # noqa: E402
@@ -32,6 +34,7 @@ from .evaluate import (PROTOCOL_TITLES, SPLITS, Evaluation, Method, baseline_row
                        short_label, sweep_text, table_footnotes)
 from .evaluate.baselines import _folds  # noqa: E402
 from .pipeline import TARGETS  # noqa: E402
+from .progress import RETRIES, gather  # noqa: E402
 from .review import Review  # noqa: E402
 
 DPI = 110
@@ -42,10 +45,14 @@ def _colors(meths: Sequence[Method]) -> dict[str, Any]:
     return {m.key: cmap(i) for i, m in enumerate(meths)}
 
 
-def _save(fig: plt.Figure, out: Path, name: str) -> str:
-    fig.savefig(out / name, dpi=DPI, bbox_inches="tight")
+Png = tuple[str, bytes]  # a figure's file name and its PNG
+
+
+def _save(fig: plt.Figure, name: str) -> Png:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
-    return name
+    return name, buf.getvalue()
 
 
 def _main_protocol(ev: Evaluation) -> str:
@@ -54,7 +61,7 @@ def _main_protocol(ev: Evaluation) -> str:
 
 # --- plots -------------------------------------------------------------------------------------
 
-def plot_calibration(ev: Evaluation, protocol: str, out: Path) -> str:
+def plot_calibration(ev: Evaluation, protocol: str) -> Png:
     """Nominal quantile vs observed share of rows at or below it; the diagonal is perfect."""
     qs = ev.settings.quantiles
     colors = _colors(ev.methods)
@@ -72,7 +79,7 @@ def plot_calibration(ev: Evaluation, protocol: str, out: Path) -> str:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("observed share of rows <= predicted quantile")
     axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
-    return _save(fig, out, f"calibration_{protocol}.png")
+    return _save(fig, f"calibration_{protocol}.png")
 
 
 def _grouped_bars(ax: plt.Axes, table: pl.DataFrame, key: str, groups: Sequence[str], metric: str,
@@ -88,7 +95,7 @@ def _grouped_bars(ax: plt.Axes, table: pl.DataFrame, key: str, groups: Sequence[
     ax.grid(axis="x", alpha=0.3)
 
 
-def plot_errors(ev: Evaluation, table: pl.DataFrame, key: str, protocol: str, out: Path, name: str) -> str | None:
+def plot_errors(ev: Evaluation, table: pl.DataFrame, key: str, protocol: str, name: str) -> Png | None:
     """Unseen P50 error and P10-P90 coverage per group (configuration, GPU or model), both targets."""
     sub = table.filter((pl.col("protocol") == protocol) & (pl.col("split") == "unseen"))
     if not sub.height:
@@ -112,10 +119,10 @@ def plot_errors(ev: Evaluation, table: pl.DataFrame, key: str, protocol: str, ou
     fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8, bbox_to_anchor=(0.5, 1.0))
     fig.suptitle(f"unseen rows ({protocol})", y=1.04, fontsize=10)
     fig.tight_layout()
-    return _save(fig, out, name)
+    return _save(fig, name)
 
 
-def plot_embedding(ev: Evaluation, out: Path) -> str:
+def plot_embedding(ev: Evaluation) -> Png:
     """Store configurations in the artifact's embedding, first two principal components."""
     model = RECEModel(ev.artifact)
     ids = sorted(ev.configs)
@@ -143,7 +150,7 @@ def plot_embedding(ev: Evaluation, out: Path) -> str:
            title="configurations in the artifact's embedding, coloured by specialist")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, out, "embedding_pca.png")
+    return _save(fig, "embedding_pca.png")
 
 
 def _place_labels(ax: plt.Axes, P: np.ndarray, texts: Sequence[str], size: float = 6.5) -> None:
@@ -165,7 +172,7 @@ def _place_labels(ax: plt.Axes, P: np.ndarray, texts: Sequence[str], size: float
         ax.annotate(texts[i], P[i], fontsize=size, xytext=(x0 - xy[i, 0], y0 - xy[i, 1]), textcoords="offset points")
 
 
-def plot_intervals(ev: Evaluation, out: Path, target: str = "beta", panels: int = 4) -> str | None:
+def plot_intervals(ev: Evaluation, target: str = "beta", panels: int = 4) -> Png | None:
     """Unseen rows of a few configurations: RECE's P10-P90 band and P50, observed values, donor P50."""
     samples = [s for s in ev.samples if s.target == target and "rece_dense" in s.values][:panels]
     if not samples:
@@ -198,10 +205,10 @@ def plot_intervals(ev: Evaluation, out: Path, target: str = "beta", panels: int 
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, out, f"intervals_{target}.png")
+    return _save(fig, f"intervals_{target}.png")
 
 
-def plot_sensitivity(ev: Evaluation, out: Path) -> str | None:
+def plot_sensitivity(ev: Evaluation) -> Png | None:
     """Unseen relative pinball against temperature: one panel per borrow value, a colour per K,
     solid for dense mixing, dotted for top-1, dashed for other top-k (K=1 ignores borrow and is
     drawn in every panel)."""
@@ -227,10 +234,10 @@ def plot_sensitivity(ev: Evaluation, out: Path) -> str | None:
     axes[0][0].set_ylabel("relative pinball, unseen (mean of alpha, beta)")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.suptitle(f"sensitivity ({ev.sweep.folds}-fold grouped CV over configurations)")
-    return _save(fig, out, "sensitivity.png")
+    return _save(fig, "sensitivity.png")
 
 
-def plot_embedding_check(ev: Evaluation, out: Path) -> str | None:
+def plot_embedding_check(ev: Evaluation) -> Png | None:
     """Embedding (latency profile) distance against latency-behaviour distance, per config pair."""
     chk = ev.embedding
     if chk is None:
@@ -243,10 +250,10 @@ def plot_embedding_check(ev: Evaluation, out: Path) -> str | None:
                title=f"{t}: Spearman {sp['mixing']:.2f} (Mantel p {sp['p_mixing']:.3f})")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, out, "embedding_validation.png")
+    return _save(fig, "embedding_validation.png")
 
 
-def plot_donors(rv: Review, out: Path) -> str | None:
+def plot_donors(rv: Review) -> Png | None:
     """Per trial: unseen error after adding each pool candidate, in ranking order (top donor first)."""
     exp, ev = rv.donors, rv.evaluation
     if exp is None:
@@ -266,7 +273,7 @@ def plot_donors(rv: Review, out: Path) -> str | None:
     axes[0, 0].legend(fontsize=7)
     fig.suptitle("adding one candidate's data (green: top-ranked donor)", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out, "donors.png")
+    return _save(fig, "donors.png")
 
 
 # --- HTML --------------------------------------------------------------------------------------
@@ -440,24 +447,51 @@ def render_html(rv: Review, images: dict[str, str | None]) -> str:
             f"</head><body>{''.join(parts)}</body></html>")
 
 
-def write_report(rv: Review, out_dir: str) -> Path:
-    """Write ``out_dir/index.html`` and its PNGs; returns the HTML path."""
+def _figures(rv: Review) -> dict[str, Callable[[], Png | None]]:
+    """The page's figures by key, each a call that draws it."""
     ev = rv.evaluation
+    main = _main_protocol(ev)
+    return {
+        "by_config": lambda: plot_errors(ev, ev.by_config, "config_id", main, "errors_by_config.png"),
+        "donors": lambda: plot_donors(rv),
+        "intervals_beta": lambda: plot_intervals(ev, "beta"),
+        "intervals_alpha": lambda: plot_intervals(ev, "alpha"),
+        "by_gpu": lambda: plot_errors(ev, ev.by_gpu, "gpu", main, "errors_by_gpu.png"),
+        "by_model": lambda: plot_errors(ev, ev.by_model, "model", main, "errors_by_model.png"),
+        "calibration": lambda: plot_calibration(ev, main),
+        "embedding": lambda: plot_embedding(ev),
+        "embedding_check": lambda: plot_embedding_check(ev),
+        "sensitivity": lambda: plot_sensitivity(ev),
+    }
+
+
+def draw_figure(rv: Review, key: str) -> Png | None:
+    """One figure of the page (``_figures``) as its file name and PNG."""
+    return _figures(rv)[key]()
+
+
+# Why tasks: the ten figures are ~4.5 s of matplotlib, the last thing ``rece evaluate`` does; on
+# the driver alone they kept every other core idle. PNG bytes come back, so a task on another
+# node writes nothing there.
+_draw_task = ray.remote(max_retries=RETRIES)(draw_figure)
+
+
+def write_report(rv: Review, out_dir: str) -> Path:
+    """Write ``out_dir/index.html`` and its PNGs (drawn in Ray tasks when Ray is running);
+    returns the HTML path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    main = _main_protocol(ev)
-    images = {
-        "calibration": plot_calibration(ev, main, out),
-        "by_config": plot_errors(ev, ev.by_config, "config_id", main, out, "errors_by_config.png"),
-        "by_gpu": plot_errors(ev, ev.by_gpu, "gpu", main, out, "errors_by_gpu.png"),
-        "by_model": plot_errors(ev, ev.by_model, "model", main, out, "errors_by_model.png"),
-        "intervals_beta": plot_intervals(ev, out, "beta"),
-        "intervals_alpha": plot_intervals(ev, out, "alpha"),
-        "embedding": plot_embedding(ev, out),
-        "embedding_check": plot_embedding_check(ev, out),
-        "sensitivity": plot_sensitivity(ev, out),
-        "donors": plot_donors(rv, out),
-    }
+    keys = list(_figures(rv))  # slowest first
+    if ray.is_initialized():
+        ref = ray.put(rv)
+        pngs = gather([_draw_task.remote(ref, k) for k in keys], "report figures")
+    else:
+        pngs = [draw_figure(rv, k) for k in keys]
+    images: dict[str, str | None] = {}
+    for key, png in zip(keys, pngs):
+        images[key] = None if png is None else png[0]
+        if png is not None:
+            (out / png[0]).write_bytes(png[1])
     path = out / "index.html"
     path.write_text(render_html(rv, images))
     return path

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .donors import DonorExperiment, donor_experiment
+from .donors import DonorExperiment, donor_experiment, donor_requests
 from .drift import DriftReport, compare
 from .errors import ArtifactError
 from .evaluate import EvalOptions, Evaluation, evaluate
@@ -63,14 +63,22 @@ def review_artifact(artifact_ref: str, store_uri: str, options: EvalOptions = Ev
     doc, previous = load_artifact_ref(artifact_ref)
     settings = settings_of(doc)
     fs = featurize_store(store_uri, settings)
-    fitter = Fitter(fs, settings, options.parallel_fits, options.fit_rows)
-    ev = evaluate(fs, settings, doc, options, fitter)
-    rv = Review(ev, notes=list(ev.notes))
-    if run_donors:
-        try:
-            rv.donors = donor_experiment(fitter, seed=settings.seed)
-        except EvaluationError as exc:
-            rv.notes.append(f"skipped the donor experiment: {exc}")
+    with Fitter(fs, settings, options.parallel_fits, options.fit_rows) as fitter:
+        skipped: EvaluationError | None = None
+        if run_donors:
+            try:  # queued behind the evaluation's fits: they run while it scores and aggregates
+                fitter.defer(donor_requests(fs, seed=settings.seed))
+            except EvaluationError as exc:
+                skipped = exc
+        ev = evaluate(fs, settings, doc, options, fitter)
+        rv = Review(ev, notes=list(ev.notes))
+        if run_donors and skipped is None:
+            try:
+                rv.donors = donor_experiment(fitter, seed=settings.seed)
+            except EvaluationError as exc:
+                skipped = exc
+        if skipped is not None:
+            rv.notes.append(f"skipped the donor experiment: {skipped}")
     if previous is not None:
         rv.drift = compare(doc, previous, fs, max_regression)
     rv.seconds = time.monotonic() - t0

@@ -27,6 +27,13 @@ SCORED_ROWS_PER_CONFIG = 20_000
 # Training rows per configuration in the embedding's pooled P50 fit: a profile of a few dozen
 # log latencies between configurations that differ by tens of percent needs less.
 PROFILE_ROWS_PER_CONFIG = 1000
+# Folds of the sensitivity sweep (``rece evaluate``, ``rece tune``): grouped K-fold over
+# configurations, each held out once (fewer configurations than folds: leave one out). Leaving
+# one configuration out refits every K of the grid once per configuration, so the sweep would
+# grow with the store (e12: 48 RECE fits beyond the LOCO protocol's own, a third of the
+# evaluation's CPU); five folds cost 4 x 5 fits at any size and choose the same grid point on
+# e12 (docs/transfer.md, "Evaluation cost"). Five: scikit-learn's ``GroupKFold`` default.
+SWEEP_FOLDS = 5
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import AgglomerativeClustering, KMeans
-from sklearn.metrics import silhouette_score
 
 METHODS = ("kmeans", "agglomerative")
 
@@ -44,6 +42,11 @@ def cluster(E: np.ndarray, k: int, method: str = "kmeans", seed: int = 0, n_init
     ``k`` above the number of distinct configurations is clipped (one specialist per distinct
     configuration) rather than failing.
     """
+    # scikit-learn (1.5 s to import, with scipy.stats and pandas) where a clustering is computed:
+    # Ray workers import this module with the pipeline but never cluster
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+    from sklearn.metrics import silhouette_score
+
     if method not in METHODS:
         raise ValueError(f"unknown clustering method {method!r}; use one of {', '.join(METHODS)}")
     if k < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from scipy.stats import spearmanr
 import polars as pl
 import pytest
 from ground_truth import configs, write_store
@@ -116,6 +117,26 @@ def test_mantel_detects_monotone_and_reversed_relations():
     assert rho == pytest.approx(1.0) and p < 0.02
     rho, p = mantel(d, -d, len(x), permutations=199)
     assert rho == pytest.approx(-1.0) and p > 0.9
+
+
+def test_mantel_p_value_equals_a_scipy_loop_over_the_same_permutations():
+    """The permutation statistics are one matrix product; scipy's spearmanr per permutation is the reference."""
+    n = 8
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(n, 2))
+    d_a = pair_distances(x, "euclidean")
+    d_b = np.round(pair_distances(x + rng.normal(scale=0.7, size=(n, 2)), "euclidean"), 1)  # ties too
+    rho, p = mantel(d_a, d_b, n, permutations=299, seed=5)
+    iu = np.triu_indices(n, 1)
+    B = np.zeros((n, n))
+    B[iu] = d_b
+    B = B + B.T
+    perm_rng = np.random.default_rng(5)
+    ref_rho = spearmanr(d_a, d_b).statistic
+    hits = sum(spearmanr(d_a, B[np.ix_(q, q)][iu]).statistic >= ref_rho - 1e-12
+               for q in (perm_rng.permutation(n) for _ in range(299)))
+    assert rho == pytest.approx(ref_rho) and 0.0 < p < 1.0
+    assert p == (1 + hits) / 300
 
 
 def test_typical_grid_averages_each_percentile_over_configurations():

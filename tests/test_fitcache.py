@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 
@@ -41,6 +42,29 @@ def test_folds_share_unchanged_specialists_and_get_the_same_documents(tmp_path, 
     hits = fitter.cache.hits
     fitter.fit_many([FitRequest(train, "rece", 2) for train in folds])
     assert fitter.cache.hits == hits + 2
+
+
+def test_deferred_fits_run_behind_the_next_batch_and_are_not_fitted_again(tmp_path, ray_local, capsys):
+    store = str(tmp_path / "store")
+    write_store(store, n_configs=4, rows=600)
+    fs = featurize_store(store, SETTINGS)
+    ids = fs.config_ids
+    later, now = FitRequest(tuple(fs.shards_of(ids[:3])), "global"), FitRequest(tuple(fs.shards_of(ids[1:])), "global")
+    with Fitter(fs, SETTINGS, parallel=1) as fitter:
+        fitter.defer([later])
+        assert fitter.docs == {}  # nothing starts before a batch is asked for
+        (doc_now,) = fitter.fit_many([now], "now")
+        deadline = time.monotonic() + 120
+        while fitter._key(later) not in fitter.docs:  # runs without being waited for
+            assert time.monotonic() < deadline, "the deferred fit never ran"
+            time.sleep(0.05)
+        capsys.readouterr()
+        (doc_later,) = fitter.fit_many([later], "later")
+        assert "later" not in capsys.readouterr().err  # nothing left to fit or wait for
+    assert set(doc_later["configurations"]) == set(ids[:3]) and set(doc_now["configurations"]) == set(ids[1:])
+    with Fitter(fs, SETTINGS, parallel=1) as fitter:  # closed: deferred fits nobody asked for never run
+        fitter.defer([later])
+    assert fitter.docs == {} and fitter.fit_many([now]) and list(fitter.docs) == [fitter._key(now)]
 
 
 def test_an_owners_failure_reaches_the_waiter_and_the_key_is_solved_again():

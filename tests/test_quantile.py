@@ -19,6 +19,9 @@ from rece_dist.quantile import (
     pinball_loss,
     resolve_crossings,
 )
+from rece_dist.quantile.highs import ArrayHighs
+from rece_dist.quantile.lp import _DualLP
+from rece_dist.quantile.problem import _dedupe
 from rece_dist.quantile.sharded import _groups
 
 
@@ -386,6 +389,48 @@ def test_duplicates_merged_same_objective():
     assert merged.n_solved_rows < len(y)
     assert rel(merged.objective, weighted.objective) < 1e-12
     assert rel(objective(X, y, merged.coef, 0.3), objective(X, y, weighted.coef, 0.3)) < 1e-12
+
+
+def test_dedupe_hash_check_keeps_distinct_rows_and_merges_equal_ones():
+    """Rows equal up to the sign of zero merge; a row one bit away does not; all-distinct rows
+    come back as they were (the hash fast path), in order."""
+    tiny = np.nextafter(0.0, 1.0)
+    X = np.array([[1.0, 0.0], [1.0, -0.0], [1.0, tiny], [2.0, 0.0]])
+    y = np.array([5.0, 5.0, 5.0, 5.0])
+    Xd, yd, wd, inv = _dedupe(X, y, np.array([1.0, 2.0, 4.0, 8.0]))
+    assert len(yd) == 3 and inv[0] == inv[1] != inv[2] and wd[inv[0]] == 3.0 and wd[inv[2]] == 4.0
+    rng = np.random.default_rng(4)
+    Xr, yr, wr = rng.random((2000, 6)), rng.random(2000), np.ones(2000)
+    out = _dedupe(Xr, yr, wr)
+    assert out[0] is Xr and out[1] is yr and np.array_equal(out[-1], np.arange(2000))
+
+
+def test_array_highs_returns_what_cvxpys_own_highs_interface_returns():
+    """The same compiled LP solved through cvxpy's HIGHS and through ArrayHighs: the same status,
+    bit-identical primal and dual values, the same simplex iterations (equality-only and
+    penalised duals, several taus), and the same verdict on an infeasible LP."""
+    X, y = heavy_tailed(3000, p=6, seed=8)
+    w = np.ones(len(y))
+    for lam in (0.0, 30.0):
+        pen = np.ones(X.shape[1], dtype=bool)
+        pen[0] = False
+        lp = _DualLP(X, y, pen, [lam], "HIGHS", None)
+        for tau in (0.1, 0.5, 0.9):
+            lp.set(0, np.zeros(len(y)), w, (1 - tau) * (w @ X))
+            got = []
+            for solver in ("HIGHS", ArrayHighs()):
+                lp.problem.solve(solver=solver, highs_options={"presolve": "off", "solver": "simplex"})
+                got.append((lp.problem.status, lp.avalue(0), lp.coefs(0), lp.problem.solver_stats.num_iters))
+            (s0, a0, b0, i0), (s1, a1, b1, i1) = got
+            assert s0 == s1 == "optimal" and i0 == i1 > 0
+            assert np.array_equal(a0, a1) and np.array_equal(b0, b1)
+    x = cp.Variable(2, bounds=[np.zeros(2), np.ones(2)])
+    infeasible = cp.Problem(cp.Minimize(cp.sum(x)), [x[0] + x[1] >= 3])
+    statuses = []
+    for solver in ("HIGHS", ArrayHighs()):
+        infeasible.solve(solver=solver)
+        statuses.append(infeasible.status)
+    assert statuses == ["infeasible", "infeasible"]
 
 
 # --------------------------------------------------------------------------- errors

@@ -16,7 +16,7 @@ import polars as pl
 
 from ..config import DeploymentConfig
 from ..pipeline import TARGETS, FeatureSet, TrainSettings
-from ..settings import EVALUATION_ROWS_PER_CONFIG
+from ..settings import EVALUATION_ROWS_PER_CONFIG, SWEEP_FOLDS
 from ..progress import log
 from ..refit import (CellRef, EvaluationError, FitRequest, Fitter, aggregate, aggregate_refined, own_mixing_job,
                      predict_cells, sample_cells)
@@ -31,7 +31,7 @@ from .tune import Sweep, sweep, sweep_requests
 class EvalOptions:
     protocols: tuple[str, ...] = PROTOCOLS
     sparse_top_k: int = 2
-    cv_folds: int | None = None            # sensitivity folds over configurations (None: one per config)
+    cv_folds: int | None = SWEEP_FOLDS     # sensitivity folds over configurations (None: one per config)
     k_grid: tuple[int, ...] = (1, 2, 4, 6)
     temperatures: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     top_ks: tuple[int | None, ...] = (1, 2, None)

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -99,6 +99,18 @@ def _swallow_highs_banner() -> None:
         os.dup2(saved, 1)
         os.close(saved)
         os.close(null)
+
+
+@functools.cache
+def _array_highs() -> Any:
+    from .highs import ArrayHighs  # cvxpy: imported when the first LP is solved
+
+    return ArrayHighs()  # one instance per process: cvxpy keeps a problem's compiled form per solver object
+
+
+def _cvxpy_solver(name: str) -> Any:
+    """What ``problem.solve`` gets for a solver name: HiGHS through ``highs.ArrayHighs``."""
+    return _array_highs() if name == "HIGHS" else name
 
 
 class _DualLP:
@@ -198,7 +210,7 @@ class _DualLP:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.problem.solve(solver=solver, warm_start=warm, **opts)
+                self.problem.solve(solver=_cvxpy_solver(solver), warm_start=warm, **opts)
         except cp.error.SolverError as exc:  # solver crashed or is not installed
             return f"solver_error: {exc}"
         finally:
@@ -259,7 +271,7 @@ class _DualLP:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # IPM: the dual simplex took 28 s on a 36,768-row phase one, IPM 1.6 s (measured)
-                phase1.solve(solver=self.solver, **self._options(self.solver, self.m, False, algo="ipm"))
+                phase1.solve(solver=_cvxpy_solver(self.solver), **self._options(self.solver, self.m, False, algo="ipm"))
         except cp.error.SolverError:
             return None
         if phase1.status != "optimal" or not (phase1.value > 0) or cons[0].dual_value is None:

@@ -195,6 +195,21 @@ def _constant_columns(X: np.ndarray) -> np.ndarray:
     return lo == hi
 
 
+def _all_distinct(key: np.ndarray) -> bool:
+    """True when no two rows of ``key`` have equal bytes, shown by distinct 64-bit row hashes.
+
+    Why: sorting rows as byte strings (below) costs ~9 ms at 19,000 rows, 5% of a design's
+    fit, and rows are almost always distinct; equal rows always hash equal, so a False here
+    (a duplicate or, rarely, a collision) only sends the rows to the exact path."""
+    words = np.ascontiguousarray(key).view(np.uint64)
+    h = np.zeros(len(words), dtype=np.uint64)
+    for j in range(words.shape[1]):  # FNV-style: a bijection in each column given the ones before
+        h ^= words[:, j]
+        h *= np.uint64(0x100000001B3)
+    h.sort()
+    return not bool((h[1:] == h[:-1]).any())
+
+
 def _dedupe(X: np.ndarray, y: np.ndarray, w: np.ndarray, *extra: np.ndarray):
     """Merge rows with identical (x, y) into one row with the summed weight.
 
@@ -207,6 +222,8 @@ def _dedupe(X: np.ndarray, y: np.ndarray, w: np.ndarray, *extra: np.ndarray):
     key[:, :-1] = X
     key[:, -1] = y
     key += 0.0  # -0.0 -> 0.0 so that equal numbers have equal bytes
+    if _all_distinct(key):
+        return (X, y, w, *extra, np.arange(n))
     v = np.ascontiguousarray(key).view(np.dtype((np.void, key.dtype.itemsize * key.shape[1]))).ravel()
     _, first, inv = np.unique(v, return_index=True, return_inverse=True)
     if first.size == n:
