@@ -123,3 +123,21 @@ def test_donor_experiment_fits_base_plus_each_candidate_only(tmp_path, ray_local
     s = exp.summary().row(0, named=True)
     assert s["top_donor"] == pytest.approx(trial.score(trial.top)) and s["base_only"] == pytest.approx(trial.score("base"))
     assert s["random_mape_beta"] == pytest.approx(np.mean([trial.score(c, "mape_p50_beta") for c in trial.pool]))
+
+
+def test_review_notes_a_skipped_donor_experiment_and_still_evaluates(tmp_path, ray_local):
+    """Fewer than 5 configurations: the queued donor fits are never asked for, the page says why."""
+    from rece_dist.artifact import canonical_bytes
+    from rece_dist.evaluate import EvalOptions
+    from rece_dist.recipe import train
+    from rece_dist.review import review_artifact
+
+    root = str(tmp_path / "store")
+    write_store(root, n_configs=3, rows=600, dates=("2026-11-01", "2026-11-02"))
+    settings = TrainSettings(specialists=2, holdout_every=2, noncrossing=False, select_folds=0)
+    art = tmp_path / "artifact.json"
+    art.write_bytes(canonical_bytes(train(root, settings).artifact))
+    options = EvalOptions(protocols=("temporal",), k_grid=(1,), temperatures=(0.1,), top_ks=(None,))
+    rv = review_artifact(str(art), root, options)
+    assert rv.donors is None and rv.evaluation.runs["temporal"].folds
+    assert any("skipped the donor experiment" in n and "at least 5 configurations" in n for n in rv.notes), rv.notes
