@@ -128,8 +128,9 @@ class Fitter:
         if todo or self._deferred:
             pool = ThreadPoolExecutor(max_workers=self.parallel)
             self._pools.append(pool)
-            for k in todo + [k for k in dict.fromkeys(self._deferred) if k not in self._futures and k not in todo]:
-                self._futures[k] = pool.submit(self._fit, k)
+            for k in dict.fromkeys(todo + self._deferred):  # this call's own first
+                if k not in self._futures:
+                    self._futures[k] = pool.submit(self._fit, k)
             self._deferred = []
             pool.shutdown(wait=False)  # its threads work through the queue, deferred fits included
         pending = [f for f in dict.fromkeys(self._futures[k] for k in keys) if not f.done()]

@@ -102,17 +102,19 @@ def mantel(d_a: np.ndarray, d_b: np.ndarray, n: int, permutations: int = 999, se
     # every permutation's statistic is one row of a matrix product (a scipy call per permutation
     # was 1.5 s of an evaluation's driver time).
     iu = np.triu_indices(n, 1)
+    rb = rankdata(d_b)
     R = np.zeros((n, n))
-    R[iu] = rankdata(d_b)
+    R[iu] = rb
     R = R + R.T
     ra = rankdata(d_a)
     ra = (ra - ra.mean()) / np.linalg.norm(ra - ra.mean())
+    rb = rb - rb.mean()
+    observed = float(ra @ rb / np.linalg.norm(rb))
     rng = np.random.default_rng(seed)
     P = np.array([rng.permutation(n) for _ in range(permutations)]).reshape(permutations, n)
-    rb = R[P[:, iu[0]], P[:, iu[1]]]
-    rb -= rb.mean(axis=1, keepdims=True)
-    stats = (rb @ ra) / np.linalg.norm(rb, axis=1)
-    observed = float(ra @ (R[iu] - R[iu].mean()) / np.linalg.norm(R[iu] - R[iu].mean()))
+    permuted = R[P[:, iu[0]], P[:, iu[1]]]
+    permuted -= permuted.mean(axis=1, keepdims=True)
+    stats = (permuted @ ra) / np.linalg.norm(permuted, axis=1)
     hits = int(np.count_nonzero(stats >= observed - 1e-12))
     return rho, (1 + hits) / (1 + permutations)
 
